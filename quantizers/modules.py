@@ -44,12 +44,61 @@ __all__ = [
     "find_attention_modules",
     "enable_kv_quant",
     "disable_kv_quant",
+    "OnlineTransform",
+    "register_online_transform",
+    "online_transform_from_spec",
 ]
 
 log = logging.getLogger(__name__)
 
 #: ``weight_fn(name, linear, scheme) -> fake-quantized weight`` (same shape as ``linear.weight``).
 WeightFn = Callable[[str, nn.Linear, QuantScheme], torch.Tensor]
+
+
+class OnlineTransform(nn.Module):
+    """Base class of transforms applied to activations at run time (e.g. QuaRot's online Hadamard
+    on the down_proj input, or on post-RoPE queries and keys).
+
+    Saved variants must rebuild them without re-calibrating, so each subclass has a unique
+    ``kind``, describes its constructor arguments with :meth:`spec` (JSON-ready), and keeps any
+    tensor state (random signs, matrices) in buffers, which travel in the variant's safetensors.
+    :func:`online_transform_from_spec` rebuilds an empty module of the right shape; loading the
+    state dict then fills its buffers.
+    """
+
+    kind: str = ""
+
+    def spec(self) -> dict:
+        """Constructor keyword arguments plus ``kind``: ``type(self)(**spec without kind)`` rebuilds it."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> OnlineTransform:
+        args = {k: v for k, v in spec.items() if k != "kind"}
+        return cls(**args)
+
+
+_ONLINE_TRANSFORMS: dict[str, type[OnlineTransform]] = {}
+
+
+def register_online_transform(cls: type[OnlineTransform]) -> type[OnlineTransform]:
+    """Class decorator: make an :class:`OnlineTransform` subclass loadable by its ``kind``."""
+    if not cls.kind:
+        raise QuantizerError(f"online transform {cls.__qualname__} needs a non-empty kind")
+    _ONLINE_TRANSFORMS[cls.kind] = cls
+    return cls
+
+
+def online_transform_from_spec(spec: dict) -> OnlineTransform:
+    """Rebuild an online transform from its :meth:`OnlineTransform.spec` (buffers still empty)."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in _ONLINE_TRANSFORMS:
+        known = ", ".join(sorted(_ONLINE_TRANSFORMS)) or "none"
+        raise QuantizerError(
+            f"unknown online transform kind {kind!r} in a saved variant (known: {known}); "
+            "install the safequant version that wrote it"
+        )
+    return _ONLINE_TRANSFORMS[kind].from_spec(spec)
 
 
 class QuantLinear(nn.Module):

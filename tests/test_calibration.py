@@ -1,0 +1,91 @@
+"""The shared calibration loop and block-input capture, on the real toy chat model."""
+
+import copy
+
+import pytest
+import torch
+
+from quantizers import QuantizerError
+from quantizers.calibration import (
+    DivergenceGuard,
+    capture_layer_inputs,
+    decoder_layers,
+    input_channel_absmax,
+    run_calibration,
+    run_layer,
+)
+
+
+@pytest.fixture(scope="module")
+def batches(toy_chat):
+    tok = toy_chat.tokenizer
+    texts = ["The quick brown fox jumps over the lazy dog. " * 4, "Python lists keep their order; sets do not. " * 4]
+    return [tok(t, return_tensors="pt").input_ids[:, :32] for t in texts]
+
+
+def test_layer_by_layer_run_reproduces_the_model(toy_chat, batches, one_thread):
+    model = toy_chat.model
+    inputs = capture_layer_inputs(model, batches)
+    assert len(inputs) == len(batches)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            h = inputs.hidden[i]
+            for layer in decoder_layers(model):
+                h = run_layer(layer, h, inputs.kwargs[i])
+            want = model(input_ids=batch, output_hidden_states=True).hidden_states[-1]
+            assert torch.allclose(model.model.norm(h), want, atol=1e-4)
+
+
+def test_input_channel_absmax_matches_direct_computation(toy_chat, batches, one_thread):
+    model = toy_chat.model
+    stats = input_channel_absmax(model, batches[:1], select=lambda n, m: n == "model.layers.0.mlp.down_proj")
+    assert list(stats) == ["model.layers.0.mlp.down_proj"]
+    seen = []
+    h = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(input_ids=batches[0])
+    h.remove()
+    assert torch.equal(stats["model.layers.0.mlp.down_proj"], seen[0].abs().reshape(-1, seen[0].shape[-1]).amax(0))
+
+
+def test_loop_minimises_and_logs_terms():
+    target = torch.tensor([3.0, -2.0])
+    x = torch.nn.Parameter(torch.zeros(2))
+
+    def loss_fn(batch, step):
+        loss = ((x - target) ** 2).sum()
+        return loss, {"gap": float((x - target).abs().max())}
+
+    log = run_calibration(loss_fn, [x], [None], steps=200, lr=0.1, show_progress=False)
+    assert log.steps_run == 200 and len(log.history["loss"]) == 200 and len(log.history["gap"]) == 200
+    assert log.history["loss"][-1] < 1e-3 < log.history["loss"][0]
+    assert log.to_dict(max_points=10)["curves"]["loss"][0] == pytest.approx(13.0)
+
+
+def _unbounded_push():
+    x = torch.nn.Parameter(torch.ones(1))
+
+    def loss_fn(batch, step):  # maximises |x| without bound, like AAQ's push term
+        push = x.abs().sum()
+        return -push, {"push": float(push)}
+
+    return x, loss_fn
+
+
+def test_divergence_guard_stops_and_restores_last_good_parameters():
+    x, loss_fn = _unbounded_push()
+    log = run_calibration(loss_fn, [x], [None], steps=1000, lr=0.5, show_progress=False,
+                          guard=DivergenceGuard("push", factor=5.0))
+    assert log.stopped_early and "push term diverged" in log.stopped_early
+    assert log.steps_run < 1000
+    assert float(x.abs()) <= 5.0  # restored to the last step within bounds
+    x, loss_fn = _unbounded_push()
+    with pytest.raises(QuantizerError, match="diverged"):
+        run_calibration(loss_fn, [x], [None], steps=1000, lr=0.5,
+                        show_progress=False, guard=DivergenceGuard("push", factor=5.0, action="error"))
+
+
+def test_nan_loss_is_a_clear_error():
+    x = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(QuantizerError, match="loss became nan"):
+        run_calibration(lambda b, s: (x.sum() * float("nan"), {}), [x], [None], steps=3, show_progress=False)
