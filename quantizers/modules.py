@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -232,9 +232,14 @@ def quantize_linear_layers(
     scheme: QuantScheme | str,
     weight_fn: WeightFn | None = None,
     *,
+    input_transforms: Mapping[str, nn.Module] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[str]:
     """Replace every ``nn.Linear`` not skipped by ``scheme`` with a :class:`QuantLinear`, in place.
+
+    ``input_transforms`` maps module names to online transforms (:class:`OnlineTransform`, e.g. a
+    Hadamard on the down_proj input) installed as the new layer's ``input_transform``; the
+    ``weight_fn`` then sees weights that already expect the transformed input.
 
     ``weight_fn(name, linear, scheme)`` supplies each fake-quantized weight (default:
     :func:`default_weight_fn`, round to nearest). Skipped modules (``scheme.skip``, by default
@@ -263,7 +268,8 @@ def quantize_linear_layers(
             )
         with torch.no_grad():
             weight = weight_fn(name, linear, scheme)
-        _set_submodule(model, name, QuantLinear.from_linear(linear, scheme, weight=weight))
+        transform = (input_transforms or {}).get(name)
+        _set_submodule(model, name, QuantLinear.from_linear(linear, scheme, weight=weight, input_transform=transform))
         replaced.append(name)
         if progress is not None:
             progress("quantize linear layers", i + 1, len(targets))
