@@ -67,13 +67,20 @@ class QuantContext:
     input ids ``[batch, seq]`` or a dict of model inputs (``input_ids``, ``attention_mask``), or
     ``None`` for data-free methods. ``reference_model``: the full-precision model (the subject
     before quantization; frozen). ``base_model``: the unaligned pre-trained model of the same family
-    (AAQ's push target) or ``None``. ``progress(stage, done, total)`` is called as work advances.
+    (AAQ's push target) or ``None``. ``calibration_prompts``: labelled prompt records for methods
+    that calibrate on prompts rather than text (Q-realign), each a dict with ``id``, ``prompt``,
+    ``label`` (``"harmful"`` or ``"benign"``) and ``source``; the harness keeps them disjoint from
+    the evaluation prompts. ``probe_model``: the aligned model probes are fitted on when a method
+    needs probes from a model other than the subject (``None``: use ``reference_model``).
+    ``progress(stage, done, total)`` is called as work advances.
     """
 
     tokenizer: Any = None
     calibration_batches: Sequence[Any] | None = None
     reference_model: nn.Module | None = None
     base_model: nn.Module | None = None
+    calibration_prompts: Sequence[Mapping[str, Any]] | None = None
+    probe_model: nn.Module | None = None
     device: str | torch.device = "cpu"
     seed: int = 0
     progress: ProgressCallback | None = None
@@ -105,6 +112,11 @@ class Quantizer:
     :meth:`quantize` and may override :meth:`check` to reject schemes they cannot produce.
 
     Callers use :meth:`apply` (checks the scheme, seeds, then calls :meth:`quantize`).
+
+    ``metadata`` is a JSON-ready dict that :meth:`quantize` fills with what a reader of the saved
+    variant needs to know (loss curves from :class:`~quantizers.calibration.CalibrationLog`,
+    early stops, online transforms used); it is reset by :meth:`apply` and written to
+    ``variant.json`` and the run's summary.
     """
 
     name: ClassVar[str] = ""
@@ -116,6 +128,7 @@ class Quantizer:
 
     def __init__(self, options: Any = None) -> None:
         self.options = self.parse_options(options)
+        self.metadata: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ options
     @classmethod
@@ -198,6 +211,7 @@ class Quantizer:
                 f"quantizer {self.name!r} needs the unaligned base model; give one (base model in the config)"
             )
         ctx.seed_everything()
+        self.metadata = {}
         log.info("quantizing with %s (%s)", self.name, scheme.label)
         return self.quantize(model, scheme, ctx)
 
