@@ -1,0 +1,154 @@
+"""Calibration data for calibration-based quantizers: token windows drawn from ordinary text.
+
+Sources (``CalibrationSpec.source``):
+
+* a UTF-8 text file (e.g. WikiText-2 train as ``wiki.train.raw``);
+* ``toy-pretrain``: the pretraining text of the bundled toy models (Python's own ``pydoc_data``
+  topics, without the held-out topics that make up the ``toy-heldout`` perplexity text);
+* ``dataset:ID[:CONFIG]:SPLIT`` through ``datasets.load_dataset`` (e.g.
+  ``dataset:Salesforce/wikitext:wikitext-2-raw-v1:train``; needs the Hub or its cache), or a folder
+  written by ``datasets.save_to_disk``; the ``text`` column is joined with newlines.
+
+``span`` keeps only a fraction of the characters (``(0.4, 1.0)`` = the last 60%), so that
+calibration and evaluation can share one file without sharing text. Windows of ``seq_len``
+tokens start at seeded random positions, as in the GPTQ reference data loader. The fingerprint
+hashes the source bytes, every setting and the drawn token ids, so a variant's metadata says
+exactly what it was calibrated on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import UserError
+
+__all__ = ["CalibrationSpec", "CalibrationData", "load_calibration", "calibration_text", "BUILTIN_CALIBRATION"]
+
+BUILTIN_CALIBRATION = ("toy-pretrain",)
+#: Topics of ``pydoc_data.topics`` held out of toy pretraining (they form the toy perplexity text).
+TOY_HELDOUT_TOPICS = ("debugger", "execmodel", "formatstrings", "typesmapping")
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What to calibrate on: ``n_samples`` windows of ``seq_len`` tokens from ``source``, grouped
+    in batches of ``batch_size``, drawn with ``seed`` from the ``span`` fraction of the text."""
+
+    source: str = "toy-pretrain"
+    n_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+    seed: int = 0
+    span: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise UserError(f"calibration samples must be >= 1, got {self.n_samples}")
+        if self.seq_len < 2:
+            raise UserError(f"calibration sequence length must be >= 2, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise UserError(f"calibration batch size must be >= 1, got {self.batch_size}")
+        lo, hi = self.span
+        if not 0.0 <= lo < hi <= 1.0:
+            raise UserError(f"calibration span {lo}:{hi} must satisfy 0 <= start < end <= 1 (e.g. 0.4:1)")
+
+
+@dataclass
+class CalibrationData:
+    """Token batches (LongTensors ``[batch, seq_len]``) plus what produced them."""
+
+    batches: list[torch.Tensor]
+    spec: CalibrationSpec
+    fingerprint: str
+    source_sha256: str
+
+    def describe(self) -> dict[str, Any]:
+        return {**asdict(self.spec), "span": list(self.spec.span), "fingerprint": self.fingerprint,
+                "source_sha256": self.source_sha256, "tokens": sum(int(b.numel()) for b in self.batches)}
+
+
+def parse_span(text: str) -> tuple[float, float]:
+    """``"0.4:1"`` -> ``(0.4, 1.0)``."""
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"calibration span {text!r} must be START:END fractions, e.g. 0.4:1") from None
+    return lo, hi
+
+
+def _toy_pretrain_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics) if k not in TOY_HELDOUT_TOPICS)
+
+
+def _dataset_text(source: str) -> str:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise UserError(f"calibration source {source!r} needs `pip install datasets`") from None
+    parts = source.split(":")[1:]
+    if len(parts) not in (2, 3):
+        raise UserError(f"calibration source {source!r}: write dataset:ID:SPLIT or dataset:ID:CONFIG:SPLIT")
+    ds_id, split = parts[0], parts[-1]
+    config = parts[1] if len(parts) == 3 else None
+    try:
+        if Path(ds_id).is_dir():
+            ds = datasets.load_from_disk(ds_id)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(ds_id, config, split=split)
+    except Exception as exc:  # datasets raises many types (offline, missing split, bad folder)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"calibration source {source!r} could not be loaded ({first}); "
+                        "pass a local text file instead") from None
+    if "text" not in ds.column_names:
+        raise UserError(f"calibration source {source!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
+    return "\n".join(t for t in ds["text"] if t)
+
+
+def calibration_text(source: str) -> str:
+    """The raw text of a calibration source (see the module docstring)."""
+    if source == "toy-pretrain":
+        return _toy_pretrain_text()
+    if source.startswith("dataset:"):
+        return _dataset_text(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UserError(f"calibration text {source!r} not found: pass a UTF-8 text file, "
+                        f"dataset:ID:SPLIT, or one of: {', '.join(BUILTIN_CALIBRATION)}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"calibration text {source!r} is not UTF-8 text: convert it to UTF-8") from None
+
+
+def load_calibration(spec: CalibrationSpec, tokenizer) -> CalibrationData:
+    """Draw ``spec.n_samples`` token windows from the source text (see :class:`CalibrationSpec`)."""
+    text = calibration_text(spec.source)
+    source_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    lo, hi = spec.span
+    text = text[int(lo * len(text)): int(hi * len(text))]
+    if not text.strip():
+        raise UserError(f"calibration text {spec.source!r} is empty (span {lo}:{hi}): pass a file with text in it")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
+    if ids.numel() < spec.seq_len + 1:
+        raise UserError(
+            f"calibration text {spec.source!r} has {ids.numel()} tokens, fewer than one window of "
+            f"{spec.seq_len}: pass more text or a smaller --calib-len"
+        )
+    rng = random.Random(spec.seed)
+    starts = [rng.randrange(0, ids.numel() - spec.seq_len) for _ in range(spec.n_samples)]
+    windows = torch.stack([ids[s: s + spec.seq_len] for s in starts])
+    batches = list(windows.split(spec.batch_size))
+    digest = hashlib.sha256()
+    digest.update(source_sha.encode())
+    digest.update(repr(sorted(asdict(spec).items())).encode())
+    digest.update(windows.numpy().tobytes())
+    return CalibrationData(batches, spec, digest.hexdigest()[:16], source_sha)

@@ -1,0 +1,220 @@
+"""Saved quantized variants: a folder with safetensors weights and ``variant.json``.
+
+A variant folder holds
+
+* ``model.safetensors``: the whole state dict of the quantized model (weights already
+  fake-quantized and transformed, online-transform buffers included; tied tensors stored once);
+* ``config.json`` and the tokenizer files, so the folder is self-contained;
+* ``variant.json``: the method, scheme, options and metadata (loss curves, early stops), the
+  calibration data fingerprint, the source model's fingerprint, the time taken, and the
+  *structure* needed to rebuild the fake-quant modules: every :class:`QuantLinear` with its
+  activation settings and online input transform, every attention module's KV-cache spec and
+  post-RoPE Q/K transform.
+
+:func:`load_variant` rebuilds the architecture from ``config.json``, swaps in the recorded
+modules and loads the state dict strictly, so the loaded model computes exactly what the
+in-memory variant computed, without re-calibrating. Folders are written to a temporary sibling
+and renamed into place: an interrupted save leaves no partial variant.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import QuantizerError
+from .modules import (
+    KVQuantSpec,
+    OnlineTransform,
+    QuantLinear,
+    enable_kv_quant,
+    find_attention_modules,
+    iter_quant_linears,
+    online_transform_from_spec,
+)
+from .scheme import QuantScheme
+
+__all__ = ["VARIANT_FILE", "FORMAT_VERSION", "is_variant_dir", "read_variant_info", "save_variant", "load_variant"]
+
+log = logging.getLogger(__name__)
+
+VARIANT_FILE = "variant.json"
+WEIGHTS_FILE = "model.safetensors"
+#: Bumped when the folder layout or the structure record changes incompatibly.
+FORMAT_VERSION = 1
+
+
+def is_variant_dir(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by :func:`save_variant`."""
+    return (Path(path) / VARIANT_FILE).is_file()
+
+
+def read_variant_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``variant.json`` of a variant folder (format version checked)."""
+    file = Path(path) / VARIANT_FILE
+    if not file.is_file():
+        raise QuantizerError(f"{path} is not a saved variant (no {VARIANT_FILE}): pass a folder written by `safequant quantize`")
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QuantizerError(f"{file} is not valid JSON ({exc}); re-run `safequant quantize`") from None
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise QuantizerError(
+            f"{file} has format version {version!r}; this safequant reads version {FORMAT_VERSION}: "
+            "re-run `safequant quantize` with this version"
+        )
+    return info
+
+
+def _transform_spec(module: nn.Module | None) -> dict | None:
+    if module is None:
+        return None
+    if not isinstance(module, OnlineTransform):
+        raise QuantizerError(
+            f"online transform {type(module).__name__} cannot be saved: derive it from quantizers.modules.OnlineTransform"
+        )
+    return module.spec()
+
+
+def model_structure(model: nn.Module) -> dict[str, Any]:
+    """What :func:`load_variant` needs to rebuild the fake-quant modules of ``model``."""
+    linears = {
+        name: {
+            "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+            "w_bits": m.w_bits, "a_bits": m.a_bits, "a_symmetric": m.a_symmetric, "a_clip_ratio": m.a_clip_ratio,
+            "input_transform": _transform_spec(m.input_transform),
+        }
+        for name, m in iter_quant_linears(model)
+    }
+    attention = {}
+    for name, attn in find_attention_modules(model):
+        kv = getattr(attn, "safequant_kv", None)
+        qk = getattr(attn, "safequant_qk_transform", None)
+        if kv is not None or qk is not None:
+            attention[name] = {"kv": asdict(kv) if kv is not None else None, "qk_transform": _transform_spec(qk)}
+    return {"quant_linears": linears, "attention": attention,
+            "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
+
+
+def save_variant(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any,
+    method: str,
+    scheme: QuantScheme,
+    options: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
+    seconds: float | None = None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the variant folder atomically (temporary sibling, then rename); returns its path."""
+    from safetensors.torch import save_model
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise QuantizerError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = {
+            "format_version": FORMAT_VERSION,
+            "method": method,
+            "scheme": scheme.label,
+            "scheme_fields": scheme.to_dict(),
+            "options": options,
+            "metadata": metadata or {},
+            "source_model": source or {},
+            "calibration": calibration,
+            "seconds": None if seconds is None else round(seconds, 3),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "structure": model_structure(model),
+            **(extra or {}),
+        }
+        (tmp / VARIANT_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def load_variant(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Rebuild a saved variant: ``(model, tokenizer, variant.json contents)``, ready to evaluate."""
+    from safetensors.torch import load_model as load_safetensors
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    info = read_variant_info(folder)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise QuantizerError(f"saved variant {folder} has no {WEIGHTS_FILE}: re-run `safequant quantize`")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    structure = info["structure"]
+    attn_impl = structure.get("attn_implementation")
+    if attn_impl and not attn_impl.startswith("safequant_kv"):
+        config._attn_implementation = attn_impl
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    for name, spec in structure["quant_linears"].items():
+        transform = online_transform_from_spec(spec["input_transform"]) if spec["input_transform"] else None
+        module = QuantLinear(
+            spec["in_features"], spec["out_features"], bias=spec["bias"], w_bits=spec["w_bits"], a_bits=spec["a_bits"],
+            a_symmetric=spec["a_symmetric"], a_clip_ratio=spec["a_clip_ratio"], input_transform=transform,
+            dtype=dtype or torch.float32,
+        )
+        _set_submodule(model, name, module)
+    kv_specs = {}
+    for name, spec in structure["attention"].items():
+        attn = model.get_submodule(name)
+        if spec.get("qk_transform"):
+            attn.safequant_qk_transform = online_transform_from_spec(spec["qk_transform"])
+        if spec.get("kv"):
+            kv_specs[name] = KVQuantSpec(**spec["kv"])
+    if kv_specs or any(s.get("qk_transform") for s in structure["attention"].values()):
+        enable_kv_quant(model, KVQuantSpec())  # switch the attention implementation, then set each spec
+        for name, attn in find_attention_modules(model):
+            attn.safequant_kv = kv_specs.get(name, KVQuantSpec())
+    missing, unexpected = load_safetensors(model, str(folder / WEIGHTS_FILE), strict=False)
+    # Tied weights are stored once; their second name comes back as "missing" and is fine.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise QuantizerError(
+            f"saved variant {folder} does not match its structure (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "re-run `safequant quantize`"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model.to(device).eval()
+    return model, tokenizer, info

@@ -1,0 +1,40 @@
+"""Calibration data: seeded token windows from text files and the toy pretraining text, fingerprinted."""
+
+import pytest
+import torch
+
+from harness.calibration_data import CalibrationSpec, load_calibration, parse_span
+from harness.errors import UserError
+
+
+def test_windows_are_seeded_fingerprinted_and_batched(toy_chat):
+    spec = CalibrationSpec("toy-pretrain", n_samples=6, seq_len=32, batch_size=4, seed=1)
+    a, b = load_calibration(spec, toy_chat.tokenizer), load_calibration(spec, toy_chat.tokenizer)
+    assert [t.shape for t in a.batches] == [torch.Size([4, 32]), torch.Size([2, 32])]
+    assert a.fingerprint == b.fingerprint and all(torch.equal(x, y) for x, y in zip(a.batches, b.batches))
+    other = load_calibration(CalibrationSpec("toy-pretrain", n_samples=6, seq_len=32, batch_size=4, seed=2), toy_chat.tokenizer)
+    assert other.fingerprint != a.fingerprint
+    assert a.describe()["tokens"] == 6 * 32
+
+
+def test_span_keeps_calibration_text_apart_from_evaluation_text(toy_chat, shared_data):
+    path = str(shared_data / "wikitext2_test.raw")
+    data = load_calibration(CalibrationSpec(path, n_samples=4, seq_len=64, span=(0.5, 1.0)), toy_chat.tokenizer)
+    text = (shared_data / "wikitext2_test.raw").read_text(encoding="utf-8")
+    first_half = toy_chat.tokenizer(text[: len(text) // 2 - 2000], add_special_tokens=False)["input_ids"]
+    window = data.batches[0][0].tolist()
+    assert not any(first_half[i: i + 64] == window for i in range(0, len(first_half) - 64))
+    assert data.source_sha256 == "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
+
+
+def test_bad_calibration_input(toy_chat, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_calibration(CalibrationSpec(str(tmp_path / "missing.txt")), toy_chat.tokenizer)
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    with pytest.raises(UserError, match="fewer than one window"):
+        load_calibration(CalibrationSpec(str(short), seq_len=64), toy_chat.tokenizer)
+    with pytest.raises(UserError, match="span"):
+        CalibrationSpec(span=(0.8, 0.2))
+    with pytest.raises(UserError, match="START:END"):
+        parse_span("half")
