@@ -3,8 +3,8 @@
 Sources (``CalibrationSpec.source``):
 
 * a UTF-8 text file (e.g. WikiText-2 train as ``wiki.train.raw``);
-* ``toy-pretrain``: the pretraining text of the bundled toy models (Python's own ``pydoc_data``
-  topics, without the held-out topics that make up the ``toy-heldout`` perplexity text);
+* ``toy-pretrain``: Python's own ``pydoc_data`` topics (the bulk of the toy models' pretraining
+  text), without the held-out topics that make up the ``toy-heldout`` perplexity text;
 * ``dataset:ID[:CONFIG]:SPLIT`` through ``datasets.load_dataset`` (e.g.
   ``dataset:Salesforce/wikitext:wikitext-2-raw-v1:train``; needs the Hub or its cache), or a folder
   written by ``datasets.save_to_disk``; the ``text`` column is joined with newlines.
@@ -28,9 +28,20 @@ import torch
 
 from harness.errors import UserError
 
-__all__ = ["CalibrationSpec", "CalibrationData", "load_calibration", "calibration_text", "BUILTIN_CALIBRATION"]
+__all__ = [
+    "CalibrationSpec",
+    "CalibrationData",
+    "load_calibration",
+    "calibration_text",
+    "load_calibration_prompts",
+    "BUILTIN_CALIBRATION",
+    "CALIBRATION_PROMPTS",
+]
 
 BUILTIN_CALIBRATION = ("toy-pretrain",)
+#: Built-in labelled calibration prompts (``scripts/build_calibration_prompts.py``): harmful and
+#: benign requests disjoint from every evaluation set, for prompt-based methods.
+CALIBRATION_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts" / "calibration.jsonl"
 #: Topics of ``pydoc_data.topics`` held out of toy pretraining (they form the toy perplexity text).
 TOY_HELDOUT_TOPICS = ("debugger", "execmodel", "formatstrings", "typesmapping")
 
@@ -152,3 +163,13 @@ def load_calibration(spec: CalibrationSpec, tokenizer) -> CalibrationData:
     digest.update(repr(sorted(asdict(spec).items())).encode())
     digest.update(windows.numpy().tobytes())
     return CalibrationData(batches, spec, digest.hexdigest()[:16], source_sha)
+
+
+def load_calibration_prompts(source: str = "calibration") -> list[dict[str, str]]:
+    """Labelled calibration prompts ``{id, prompt, label, source}``: the built-in ``calibration``
+    set or a prompt file (``.jsonl``/``.csv``/``.parquet`` with ``prompt`` and ``label`` columns)."""
+    from harness.prompts import load_prompt_set
+
+    path = str(CALIBRATION_PROMPTS) if source == "calibration" else source
+    pset = load_prompt_set(f"harmful={path}" if "=" not in path else path)
+    return [{"id": r.id, "prompt": r.prompt, "label": r.label, "source": source} for r in pset.records]

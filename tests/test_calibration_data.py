@@ -38,3 +38,16 @@ def test_bad_calibration_input(toy_chat, tmp_path):
         CalibrationSpec(span=(0.8, 0.2))
     with pytest.raises(UserError, match="START:END"):
         parse_span("half")
+
+
+def test_builtin_calibration_prompts_are_disjoint_from_evaluation_sets():
+    from harness.calibration_data import load_calibration_prompts
+    from test_prompts import _builtin_records, _near_pairs, _norm
+
+    calib = load_calibration_prompts()
+    labels = [r["label"] for r in calib]
+    assert labels.count("harmful") >= 150 and labels.count("benign") >= 150
+    held = {_norm(r.prompt) for _, r in _builtin_records()}
+    assert not [r["id"] for r in calib if _norm(r["prompt"]) in held]
+    hits = _near_pairs([(r["id"], r["prompt"]) for r in calib], [r.prompt for _, r in _builtin_records()], 0.8)
+    assert not hits, hits[:3]
