@@ -11,7 +11,6 @@ Order of work (and why):
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import logging
 import platform
@@ -32,6 +31,7 @@ from harness.benchmarks import describe_sets, load_benchmarks
 from harness.first_token import first_token_refusal_prob
 from harness.judges import get_judges, judge_all
 from harness.models import LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model
+from harness.quantize import ABLATED, BaseReference, load_saved_variant, quantize_variant, resolve_base
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from harness.prompts import PromptSet
 from harness.stats import annotate_flips, first_token_summary, summary_block
@@ -39,7 +39,7 @@ from harness.store import SCHEMA_VERSION, RunStore, check_writable
 from probes.errors import ProbeError
 from probes.slr import check_classes
 from probes.suite import ProbeSuite
-from quantizers import QuantContext, build_quantizer, get_quantizer
+from quantizers import get_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,11 @@ class Audit:
         self.variants: list[VariantSpec] = config.variant_specs()
         self.prompt_sets: list[PromptSet] = load_benchmarks(config.prompt_sets, data_dir=config.data_dir, limit=config.limit)
         self.subject_source = resolve_model(config.model)
-        self.base_source = resolve_model(config.base) if config.base else None
+        ablated = isinstance(config.base, str) and config.base.lower() == ABLATED
+        self.base_source = resolve_model(config.base) if config.base and not ablated else None
+        if self._needs_base() and not config.base:
+            raise UserError("a variant needs the unaligned base model (e.g. aaq): pass --base MODEL or --base ablated")
+        self.calib = config.calibration()
         self.ppl = _ppl_settings(config, self.subject_source)
         self.ppl_text = load_text(self.ppl.source)
         self.judges = get_judges(config.judges)
@@ -83,16 +87,18 @@ class Audit:
         self.store = RunStore(self.run_dir)
 
     def _needs_base(self) -> bool:
-        return any(getattr(get_quantizer(v.method), "needs_base_model", False) for v in self.variants)
+        return any(getattr(get_quantizer(v.method), "needs_base_model", False) for v in self.variants if not v.artifact)
 
     def run(self, command: str = "") -> dict:
         started = time.perf_counter()
         seed_everything(self.config.seed)
         log.info("loading %s", self.subject_source.spec)
         subject = load_model(self.subject_source, self.config.device, self.config.dtype, self.config.trust_remote_code)
-        base = None
-        if self.base_source is not None and self._needs_base():
-            base = load_model(self.base_source, self.config.device, self.config.dtype, self.config.trust_remote_code)
+        base = BaseReference(None, None)
+        if self._needs_base():
+            base = resolve_base(self.config.base, subject, device=self.config.device, dtype=self.config.dtype,
+                                trust_remote_code=self.config.trust_remote_code, calib=self.calib,
+                                ablate_layer=self.config.ablate_layer)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         summary = self._summary_header(subject, command)
         self.probes = self._probe_suite(subject)
@@ -118,17 +124,20 @@ class Audit:
         return summary
 
     # -- one variant ----------------------------------------------------------------------------
-    def _run_variant(self, spec: VariantSpec, subject: LoadedModel, base: LoadedModel | None):
-        log.info("variant %s: quantizing (%s, %s)", spec.name, spec.method, spec.scheme.label)
+    def _run_variant(self, spec: VariantSpec, subject: LoadedModel, base: BaseReference):
+        log.info("variant %s: %s (%s, %s)", spec.name, "loading" if spec.artifact else "quantizing",
+                 spec.method, spec.scheme.label)
         seed_everything(self.config.seed)
-        t0 = time.perf_counter()
-        model = subject.model if spec.method == "fp" else copy.deepcopy(subject.model)
-        ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=subject.model,
-                           base_model=base.model if base else None, device=next(subject.model.parameters()).device,
-                           seed=self.config.seed)
-        model = build_quantizer(spec.method, spec.options).apply(model, spec.scheme, ctx)
-        model.eval()
-        quantize_seconds = time.perf_counter() - t0
+        evaluation = [(ps.name, r.id, r.prompt) for ps in self.prompt_sets for r in ps.records]
+        device = next(subject.model.parameters()).device
+        if spec.artifact:
+            variant, _ = load_saved_variant(spec.artifact, subject, device=device, dtype=next(subject.model.parameters()).dtype,
+                                            evaluation=evaluation, calib=self.calib)
+        else:
+            variant = quantize_variant(spec.method, spec.scheme, spec.options, subject, base, self.calib,
+                                       self.config.seed, evaluation=evaluation)
+        model = variant.model
+        quantize_seconds = variant.seconds
         if self.probes is not None:
             self.probes.add(spec.name, model)  # fp comes first: its probes are the reference
         fingerprint = subject.fingerprint if spec.method == "fp" else fingerprint_model(model, subject.tokenizer)
@@ -151,6 +160,7 @@ class Audit:
             work.put("perplexity", ppl)
         record = {
             **spec.describe(),
+            "quantizer": variant.record,
             "fingerprint": fingerprint,
             "quantize_seconds": round(quantize_seconds, 3),
             "eval_seconds": round(time.perf_counter() - t1, 3),
@@ -231,7 +241,8 @@ class Audit:
             "command": command,
             "config": asdict(self.config),
             "models": {"subject": subject.describe(),
-                       "base": {"name": self.base_source.name, "spec": self.base_source.spec} if self.base_source else None},
+                       "base": ({"name": self.base_source.name, "spec": self.base_source.spec} if self.base_source
+                                else {"name": self.config.base, "spec": self.config.base} if self.config.base else None)},
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "transformers": transformers.__version__, "platform": platform.platform(),
                             "device": str(next(subject.model.parameters()).device), "threads": torch.get_num_threads(),

@@ -1,7 +1,8 @@
 """Audit configuration: defaults, TOML files, CLI overrides, and variant specs.
 
 A variant is written `[NAME=]METHOD[:SCHEME][:OPTION=VALUE,...]`, for example `fp`,
-`rtn:w4a4`, `rtn:w4a4kv4-aclip0.9` or `strict=rtn:w4a16g128`. Everything is validated here,
+`rtn:w4a4`, `rtn:w4a4kv4-aclip0.9` or `strict=rtn:w4a16g128`, or `[NAME=]DIR` for a variant
+folder saved by `safequant quantize` (evaluated as saved, without re-calibrating). Everything is validated here,
 before a model is loaded or a directory is made, so bad input costs nothing.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from harness.errors import UserError
 from quantizers import QuantizerError, QuantScheme, build_quantizer
+from quantizers.artifact import is_variant_dir, read_variant_info
 
 DEFAULT_VARIANTS = ("fp", "rtn:w8a8", "rtn:w4a16", "rtn:w4a4", "rtn:w4a4kv3", "rtn:w4a3")
 DEFAULT_SETS = ("harmful", "benign", "overrefusal")
@@ -27,9 +29,13 @@ class VariantSpec:
     method: str
     scheme: QuantScheme
     options: dict = field(default_factory=dict)
+    artifact: str | None = None  # a saved variant folder: load it instead of quantizing
 
     def describe(self) -> dict:
-        return {"name": self.name, "method": self.method, "scheme": self.scheme.label, "options": self.options}
+        out = {"name": self.name, "method": self.method, "scheme": self.scheme.label, "options": self.options}
+        if self.artifact:
+            out["artifact"] = self.artifact
+        return out
 
 
 def _parse_value(text: str):
@@ -51,6 +57,8 @@ def parse_variant(text: str) -> VariantSpec:
         name = name.strip()
     else:
         original_rest = original
+    if is_variant_dir(original_rest.strip()):
+        return _saved_variant(name, original_rest.strip())
     parts = original_rest.split(":")
     method = parts[0].strip()
     if not method:
@@ -74,6 +82,17 @@ def parse_variant(text: str) -> VariantSpec:
     if name is None:
         name = method if scheme_text == "fp" else f"{method}-{scheme.label}"
     return VariantSpec(name, method, scheme, options)
+
+
+def _saved_variant(name: str | None, folder: str) -> VariantSpec:
+    """A VariantSpec for a folder written by `safequant quantize`."""
+    try:
+        info = read_variant_info(folder)
+        scheme = QuantScheme.parse(info["scheme"])
+    except (QuantizerError, KeyError) as exc:
+        raise UserError(f"variant {folder!r}: {exc}") from None
+    return VariantSpec(name or Path(folder).name, info["method"], scheme, dict(info.get("options") or {}),
+                       artifact=str(Path(folder)))
 
 
 @dataclass
@@ -104,6 +123,21 @@ class AuditConfig:
     system_prompt: str | None = None
     trust_remote_code: bool = False
     report: bool = True
+    calib_text: str = "auto"
+    calib_samples: int = 32
+    calib_len: int = 256
+    calib_batch: int = 4
+    calib_span: str = "0:1"
+    calib_prompts: str = "calibration"
+    allow_overlap: bool = False
+    ablate_layer: int | None = None
+
+    def calibration(self):
+        """The calibration settings as :class:`harness.quantize.CalibrationOptions`."""
+        from harness.quantize import CalibrationOptions
+
+        return CalibrationOptions(self.calib_text, self.calib_samples, self.calib_len, self.calib_batch,
+                                  self.calib_span, self.calib_prompts, self.allow_overlap)
 
     @classmethod
     def from_toml(cls, path: str) -> "AuditConfig":

@@ -48,7 +48,7 @@ ENTRY_POINT_GROUP = "safequant.quantizers"
 
 #: Modules of this package that hold built-in quantizers (imported lazily by the registry).
 #: Add the module of every new built-in method here.
-BUILTIN_MODULES: tuple[str, ...] = ("fp", "rtn")
+BUILTIN_MODULES: tuple[str, ...] = ("fp", "rtn", "gptq", "qrealign")
 
 
 class QuantizerError(ValueError):
@@ -125,6 +125,9 @@ class Quantizer:
     requires_calibration: ClassVar[bool] = False
     #: True when the method needs ``ctx.base_model`` (the unaligned pre-trained model), e.g. AAQ.
     needs_base_model: ClassVar[bool] = False
+    #: True when the method calibrates on labelled prompts (``ctx.calibration_prompts``), e.g.
+    #: Q-realign; the harness then keeps them disjoint from the evaluation prompts.
+    uses_calibration_prompts: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = self.parse_options(options)
@@ -206,6 +209,8 @@ class Quantizer:
         self.check(scheme)
         if self.requires_calibration and not ctx.calibration_batches:
             raise QuantizerError(f"quantizer {self.name!r} needs calibration data; none was given")
+        if self.uses_calibration_prompts and not ctx.calibration_prompts:
+            raise QuantizerError(f"quantizer {self.name!r} needs labelled calibration prompts; none were given")
         if self.needs_base_model and ctx.base_model is None:
             raise QuantizerError(
                 f"quantizer {self.name!r} needs the unaligned base model; give one (base model in the config)"

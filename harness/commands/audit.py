@@ -7,15 +7,20 @@ import shlex
 import sys
 import time
 
+from harness.commands.quantize import add_calibration_args
+
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
     from harness.config import AuditConfig
 
     d = AuditConfig()
     p.add_argument("--config", metavar="FILE", help="TOML file with audit settings (flags override it)")
     p.add_argument("--model", help=f"subject model: bundled name, local folder, .gguf file or hub id (default {d.model})")
-    p.add_argument("--base", help=f"unaligned base (PT) model of the subject, or 'none' (default {d.base})")
+    p.add_argument("--base", help="unaligned base (PT) model of the subject for methods that need one (aaq), "
+                                  f"'ablated' to build it from the subject by refusal-direction ablation, or 'none' "
+                                  f"(default {d.base})")
     p.add_argument("--variants", nargs="+", metavar="VARIANT",
-                   help="variants as [NAME=]METHOD[:SCHEME][:OPT=VAL,...] "
+                   help="variants as [NAME=]METHOD[:SCHEME][:OPT=VAL,...] or [NAME=]DIR (a folder saved by "
+                        "`safequant quantize`) "
                         f"(default: {' '.join(d.variants)}); fp is always evaluated first")
     p.add_argument("--prompt-sets", nargs="+", metavar="SET",
                    help="built-in set names or [NAME=]PATH files (default: " + " ".join(d.prompt_sets) + ")")
@@ -46,6 +51,7 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow model code from the model folder/hub (off by default: it runs arbitrary code)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip report.html")
+    add_calibration_args(p)
 
 
 def _audit_config(args: argparse.Namespace):
@@ -56,7 +62,8 @@ def _audit_config(args: argparse.Namespace):
         "model", "base", "variants", "prompt_sets", "limit", "perplexity_text", "ppl_window", "ppl_stride",
         "ppl_max_tokens", "out", "max_new_tokens", "batch_size", "device", "dtype", "seed", "judges", "data_dir",
         "first_token", "bootstrap", "probes", "probe_layers",
-        "system_prompt", "trust_remote_code", "report")}
+        "system_prompt", "trust_remote_code", "report", "calib_text", "calib_samples", "calib_len", "calib_batch",
+        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer")}
     config = config.with_overrides(overrides)
     if isinstance(config.base, str) and config.base.lower() == "none":
         config.base = None

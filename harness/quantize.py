@@ -1,0 +1,197 @@
+"""Turning a variant spec into a quantized model: one path for `safequant quantize` and the audit.
+
+Both commands resolve the unaligned reference (`--base`: a model, `none`, or `ablated`), draw
+calibration data only for methods that need it, hand calibration prompts to prompt-based methods
+after checking them against the evaluation prompts, run the quantizer, and describe what was
+done (options, metadata, calibration fingerprint, time) for variant.json and the run summary.
+Saved variant folders are loaded here too, so an audit of a saved variant and of the same
+variant quantized in memory go through the same bookkeeping.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.calibration_data import CalibrationSpec, load_calibration, load_calibration_prompts, parse_span
+from harness.errors import UserError
+from harness.models import LoadedModel, load_model, resolve_model
+from quantizers import QuantContext, QuantScheme, build_quantizer, get_quantizer
+
+__all__ = ["CalibrationOptions", "BaseReference", "QuantizedVariant", "resolve_base", "quantize_variant",
+           "load_saved_variant", "calibration_overlap", "ABLATED"]
+
+log = logging.getLogger(__name__)
+
+#: ``--base ablated``: build the unaligned reference from the subject by refusal-direction ablation.
+ABLATED = "ablated"
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Calibration settings shared by `quantize` and `audit` (CLI ``--calib-*``).
+
+    ``text="auto"``: the toy pretraining text for bundled toy models, WikiText-2 train through
+    ``datasets`` otherwise. ``prompts``: labelled prompts for prompt-based methods (Q-realign,
+    ``--base ablated``), by default the built-in ``calibration`` set.
+    """
+
+    text: str = "auto"
+    samples: int = 32
+    length: int = 256
+    batch: int = 4
+    span: str = "0:1"
+    prompts: str = "calibration"
+    allow_overlap: bool = False
+
+    def spec(self, model_kind: str, seed: int) -> CalibrationSpec:
+        text = self.text
+        if text == "auto":
+            text = "toy-pretrain" if model_kind == "toy" else "dataset:Salesforce/wikitext:wikitext-2-raw-v1:train"
+        return CalibrationSpec(text, self.samples, self.length, self.batch, seed, parse_span(self.span))
+
+
+@dataclass
+class BaseReference:
+    """The unaligned reference model (AAQ's push target) and where it came from."""
+
+    model: nn.Module | None
+    description: dict[str, Any] | None
+
+
+@dataclass
+class QuantizedVariant:
+    """A quantized model plus the record that goes into variant.json and the run summary."""
+
+    model: nn.Module
+    seconds: float
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_base(base: str | None, subject: LoadedModel, *, device: str = "auto", dtype: str = "auto",
+                 trust_remote_code: bool = False, calib: CalibrationOptions | None = None,
+                 ablate_layer: int | None = None) -> BaseReference:
+    """Load the base model named by ``base``; ``"ablated"`` builds it from the subject; None: no base."""
+    if base is None or base.lower() == "none":
+        return BaseReference(None, None)
+    if base.lower() == ABLATED:
+        from harness.ablation import ablate_refusal
+
+        started = time.perf_counter()
+        result = ablate_refusal(subject.model, subject.tokenizer, layer=ablate_layer,
+                                prompts=(calib or CalibrationOptions()).prompts)
+        return BaseReference(result.model, {"name": ABLATED, "spec": ABLATED, "from": subject.fingerprint,
+                                            **result.describe(), "seconds": round(time.perf_counter() - started, 2)})
+    loaded = load_model(resolve_model(base), device, dtype, trust_remote_code)
+    check_pair(subject, loaded)
+    return BaseReference(loaded.model, loaded.describe())
+
+
+def check_pair(subject: LoadedModel, base: LoadedModel) -> None:
+    """FT and PT must share the tokenizer's vocabulary and the architecture (AAQ compares logits)."""
+    s_cfg, b_cfg = subject.model.config, base.model.config
+    s_vocab, b_vocab = subject.model.get_output_embeddings().weight.shape[0], base.model.get_output_embeddings().weight.shape[0]
+    if s_vocab != b_vocab or len(subject.tokenizer) != len(base.tokenizer):
+        raise UserError(f"base model {base.source.spec!r} has vocabulary {b_vocab} (tokenizer {len(base.tokenizer)}) but "
+                        f"{subject.source.spec!r} has {s_vocab} ({len(subject.tokenizer)}): give the base model of the "
+                        "same family, or --base ablated")
+    if type(s_cfg).__name__ != type(b_cfg).__name__ or s_cfg.hidden_size != b_cfg.hidden_size:
+        raise UserError(f"base model {base.source.spec!r} ({type(b_cfg).__name__}, hidden {b_cfg.hidden_size}) does not "
+                        f"match {subject.source.spec!r} ({type(s_cfg).__name__}, hidden {s_cfg.hidden_size}): give the "
+                        "base model of the same family, or --base ablated")
+
+
+_WS = re.compile(r"\s+")
+
+
+def _normalise(text: str) -> str:
+    return _WS.sub(" ", text.strip().lower())
+
+
+def calibration_overlap(calibration: Iterable[dict], evaluation: Iterable[tuple[str, str, str]]) -> list[str]:
+    """``set/id`` of evaluation prompts that are also calibration prompts (same id or same text
+    after lower-casing and collapsing whitespace). ``evaluation`` yields ``(set, id, prompt)``."""
+    calib = list(calibration)
+    ids = {str(r["id"]) for r in calib}
+    texts = {_normalise(r["prompt"]) for r in calib if r.get("prompt")}
+    return [f"{name}/{rid}" for name, rid, prompt in evaluation if str(rid) in ids or _normalise(prompt) in texts]
+
+
+def _check_overlap(calibration: list[dict], evaluation: list[tuple[str, str, str]] | None, calib: CalibrationOptions,
+                   method: str) -> None:
+    if not evaluation or calib.allow_overlap:
+        return
+    clash = calibration_overlap(calibration, evaluation)
+    if clash:
+        raise UserError(f"{len(clash)} evaluation prompts (e.g. {clash[0]}) are also {method} calibration prompts "
+                        f"(--calib-prompts {calib.prompts}): evaluate on other prompts, calibrate on other prompts, "
+                        "or pass --allow-calibration-overlap")
+
+
+def quantize_variant(method: str, scheme: QuantScheme, options: dict[str, Any], subject: LoadedModel,
+                     base: BaseReference, calib: CalibrationOptions, seed: int, *,
+                     evaluation: list[tuple[str, str, str]] | None = None,
+                     probe_model: nn.Module | None = None) -> QuantizedVariant:
+    """Quantize a copy of the subject (``fp`` returns the subject itself) and describe it."""
+    quantizer = build_quantizer(method, options)
+    cls = get_quantizer(method)
+    calibration = None
+    ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=subject.model, base_model=base.model,
+                       device=next(subject.model.parameters()).device, seed=seed, probe_model=probe_model)
+    if getattr(cls, "requires_calibration", False):
+        calibration = load_calibration(calib.spec(subject.source.kind, seed), subject.tokenizer)
+        ctx.calibration_batches = calibration.batches
+    prompt_meta = None
+    if getattr(cls, "uses_calibration_prompts", False):
+        prompts = load_calibration_prompts(calib.prompts)
+        _check_overlap(prompts, evaluation, calib, method)
+        ctx.calibration_prompts = prompts
+        prompt_meta = {"source": calib.prompts, "ids": [r["id"] for r in prompts]}
+    started = time.perf_counter()
+    model = subject.model if method == "fp" else copy.deepcopy(subject.model)
+    model = quantizer.apply(model, scheme, ctx)
+    model.eval()
+    seconds = time.perf_counter() - started
+    used = quantizer.metadata.get("calibration_prompts") if isinstance(quantizer.metadata, dict) else None
+    if prompt_meta is not None and isinstance(used, dict) and used.get("ids"):
+        prompt_meta["ids"] = list(used["ids"])  # the subset the method actually calibrated on
+    record = {
+        "method": method, "scheme": scheme.label, "options": quantizer.options_dict(),
+        "metadata": quantizer.metadata, "calibration": calibration.describe() if calibration else None,
+        "calibration_prompts": prompt_meta, "base": base.description, "seconds": round(seconds, 3),
+        "source_model": {"spec": subject.source.spec, "fingerprint": subject.fingerprint},
+    }
+    return QuantizedVariant(model, seconds, record)
+
+
+def load_saved_variant(path: str, subject: LoadedModel | None, *, device: torch.device | str = "cpu",
+                       dtype: torch.dtype | None = None, evaluation: list[tuple[str, str, str]] | None = None,
+                       calib: CalibrationOptions | None = None) -> tuple[QuantizedVariant, Any]:
+    """Load a folder written by `safequant quantize`; check it was made from ``subject`` and that
+    its calibration prompts (if any) are not among the evaluation prompts."""
+    from quantizers.artifact import load_variant
+
+    model, tokenizer, info = load_variant(path, device=device, dtype=dtype)
+    source = info.get("source_model", {}).get("fingerprint")
+    if subject is not None and source and source != subject.fingerprint:
+        raise UserError(f"saved variant {path} was quantized from a model with fingerprint {source}, but the audit's "
+                        f"subject {subject.source.spec!r} has {subject.fingerprint}: audit it with --model "
+                        f"{info.get('source_model', {}).get('spec', 'the model it was made from')}")
+    used = (info.get("calibration_prompts") or {})
+    if used.get("ids"):
+        records = [r for r in load_calibration_prompts(used["source"]) if r["id"] in set(used["ids"])] \
+            if used.get("source") else [{"id": i} for i in used["ids"]]
+        _check_overlap(records, evaluation, calib or CalibrationOptions(prompts=used.get("source", "?")), info["method"])
+    record = {k: info.get(k) for k in ("method", "scheme", "options", "metadata", "calibration", "calibration_prompts",
+                                       "base", "seconds", "source_model")}
+    record["artifact"] = str(path)
+    return QuantizedVariant(model, 0.0, record), tokenizer
+
