@@ -20,7 +20,8 @@ from pathlib import Path
 
 from harness.errors import UserError
 
-SCHEMA_VERSION = 1
+# One definition for the writer and every reader (reports.schema holds the migrations).
+from reports.schema import SCHEMA_VERSION  # noqa: E402,F401
 
 
 def stable_hash(obj) -> str:

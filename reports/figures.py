@@ -53,6 +53,10 @@ class ScatterPoint:
     ppl_ratio: float
     refusal: float
     is_reference: bool = False
+    #: 95% interval of the refusal rate, drawn as a vertical bar.
+    ci: Sequence[float] | None = None
+    #: The gate fails this variant: drawn with a red outline.
+    failed: bool = False
 
 
 def _finite(x: float | None) -> bool:
@@ -110,13 +114,17 @@ def safety_perplexity_scatter(
         ax.grid(True, which="major", color="#dddddd", linewidth=0.6, zorder=0)
         colour_i = 0
         for i, p in enumerate(pts):
+            if p.ci is not None and len(p.ci) == 2 and all(_finite(x) for x in p.ci):
+                ax.errorbar([p.ppl_ratio], [p.refusal], yerr=[[max(p.refusal - p.ci[0], 0)], [max(p.ci[1] - p.refusal, 0)]],
+                            fmt="none", ecolor="#777777", elinewidth=1, capsize=3, zorder=2)
             if p.is_reference:
                 ax.scatter([p.ppl_ratio], [p.refusal], marker="*", s=260, color=REFERENCE_COLOUR,
                            edgecolor="white", linewidth=0.8, zorder=4, label=f"{p.name} (reference)")
             else:
                 ax.scatter([p.ppl_ratio], [p.refusal], marker=MARKERS[colour_i % len(MARKERS)],
                            s=70, color=OKABE_ITO[colour_i % len(OKABE_ITO)],
-                           edgecolor="#333333", linewidth=0.6, zorder=3)
+                           edgecolor="#C00000" if p.failed else "#333333",
+                           linewidth=1.8 if p.failed else 0.6, zorder=3)
                 colour_i += 1
             # Alternate label offsets so neighbouring points do not print on top of each other,
             # and put labels of points in the right fifth of the axis on their left.
@@ -154,3 +162,23 @@ def svg_data_uri(svg: str | bytes) -> str:
 def png_data_uri(png: bytes) -> str:
     """`data:image/png;base64,...` URI for an inline `<img>`."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def sparkline(values: Sequence[float], width: int = 160, height: int = 36) -> str:
+    """A tiny line chart (e.g. a quantizer's loss curve) as SVG text; no axes, min/max marked.
+
+    Drawn by hand rather than with matplotlib: a dozen variants with a curve each would otherwise
+    cost a second of rendering for a few pixels of information.
+    """
+    vals = [v for v in values if _finite(v)]
+    if len(vals) < 2:
+        vals = (vals or [0.0]) * 2
+    lo, hi = min(vals), max(vals)
+    span = (hi - lo) or 1.0
+    pad = 3
+    step = (width - 2 * pad) / (len(vals) - 1)
+    pts = " ".join(f"{pad + i * step:.1f},{height - pad - (v - lo) / span * (height - 2 * pad):.1f}"
+                   for i, v in enumerate(vals))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}"><polyline fill="none" stroke="{OKABE_ITO[3]}" '
+            f'stroke-width="1.5" points="{pts}"/></svg>')

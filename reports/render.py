@@ -11,12 +11,13 @@ adding one builder here and one macro there.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE_NAME = "report.html.j2"
+SCRIPT_NAME = "report.js"
 @dataclass(frozen=True)
 class ReportOptions:
     """What the report judges by (the gate's thresholds, one definition) and display sizes."""
@@ -457,6 +459,7 @@ def build_provenance(c: Ctx) -> dict[str, Any]:
         "options": flatten(v.get("options") or {}) if v.get("options") else [],
         "quantize_time": fmt_seconds(_num(v.get("quantize_seconds"))),
         "eval_time": fmt_seconds(_num(v.get("eval_seconds"))),
+        "metadata": _variant_metadata(v),
     } for v in c.run.variants]
     return {
         "config": flatten(s.get("config") or {}) if s.get("config") else [],
@@ -474,6 +477,156 @@ def build_provenance(c: Ctx) -> dict[str, Any]:
     }
 
 
+def safe_json(obj: Any) -> Markup:
+    """JSON for a `<script type="application/json">` block that no model output can break out of.
+
+    `<`, `>` and `&` become \\u escapes (no `</script>`, no `<!--`), and so do U+2028/U+2029;
+    the result is marked safe because it is already inert inside the script element.
+    """
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return Markup(text)
+
+
+def _refused(row: dict[str, Any], judge: str | None) -> int | None:
+    """1/0 for a row's refusal by `judge` (its label among the judges, else the primary verdict)."""
+    entry = (row.get("judges") or {}).get(judge) if judge else None
+    label = entry.get("label") if isinstance(entry, dict) else row.get("verdict")
+    return {"refusal": 1, "harmless": 1}.get(label, 0 if label is not None else None)
+
+
+def build_categories(c: Ctx) -> dict[str, Any] | None:
+    """Heatmap rows (set, category) x quantized variants: refusal change against the reference."""
+    ref = c.ref
+    if ref is None or len(c.stats) < 2 or not c.run.rows:
+        return None
+    o = c.opts
+    # (variant, set, category) -> [refused, n]
+    tally: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for row in c.run.rows:
+        r = _refused(row, c.judge)
+        if r is None:
+            continue
+        t = tally[(str(row.get("variant")), str(row.get("set")), str(row.get("category") or "—"))]
+        t[0] += r
+        t[1] += 1
+    role = {s.name: s.role for s in c.sets}
+    keys = sorted({(k[1], k[2]) for k in tally},
+                  key=lambda k: ([s.name for s in c.sets].index(k[0]) if k[0] in role else 99, k))
+    variants = [s.name for s in c.stats[1:]]
+    rows = []
+    for set_name, cat in keys:
+        base = tally.get((ref.name, set_name, cat))
+        if not base or not base[1]:
+            continue
+        b = base[0] / base[1]
+        direction = ROLE_DIRECTION.get(role.get(set_name, ""), 0)
+        cells = []
+        for name in variants:
+            t = tally.get((name, set_name, cat))
+            if not t or not t[1]:
+                cells.append({"text": "—", "cls": "same", "title": "no rows", "v": ""})
+                continue
+            delta = t[0] / t[1] - b
+            cells.append({"text": fmt_pts(delta).replace(" pts", ""), "cls": _change_class(delta, direction, o),
+                          "title": f"{name}: {t[0]}/{t[1]} refused ({fmt_pct(t[0] / t[1])}) vs {fmt_pct(b)}",
+                          "v": repr(delta)})
+        rows.append({"set": set_name, "role": role.get(set_name, "other"), "category": cat,
+                     "n": base[1], "ref": fmt_pct(b), "cells": cells})
+    if not rows:
+        return None
+    return {"variants": variants, "rows": rows, "reference": ref.name, "judge": c.judge or "primary"}
+
+
+FLIP_DIRECTIONS = ("refusal_lost", "refusal_gained")
+
+
+def build_flips(c: Ctx) -> dict[str, Any] | None:
+    """Every prompt whose refusal changed against the reference, for the flips browser."""
+    ref = c.ref
+    if ref is None or len(c.stats) < 2:
+        return None
+    ref_rows = {(r.get("set"), r.get("id")): r for r in c.run.rows if r.get("variant") == ref.name}
+    pairs = ((f"{r.get('set')}/{r.get('id')}", ref_rows.get((r.get("set"), r.get("id"))), r, str(r.get("variant")))
+             for r in c.run.rows if r.get("variant") != ref.name)
+    judges = list((c.run.summary.get("statistics") or {}).get("judges") or []) or ([c.judge] if c.judge else [])
+    return flips_section(pairs, judge=c.judge, judges=judges, reference=ref.name,
+                         variants=[s.name for s in c.stats[1:]], opts=c.opts, rows_present=c.run.rows_present)
+
+
+def flips_section(pairs: Iterable[tuple[str, dict[str, Any] | None, dict[str, Any], str]], *, judge: str | None,
+                  judges: list[str], reference: str, variants: list[str], opts: ReportOptions,
+                  rows_present: bool = True) -> dict[str, Any]:
+    """Template data of the flips browser from (prompt key, reference row, row, variant label) pairs.
+
+    Used within a run (variant vs FP) and across runs (run B vs run A). Prompts and reference
+    responses are stored once per key, not once per variant, so thousands of prompts times a
+    dozen variants stay a few MB; the script renders one page at a time with textContent.
+    """
+    prompts: dict[str, list[Any]] = {}
+    flips: list[list[Any]] = []
+    cut = opts.response_chars
+    for pid, base, row, label in pairs:
+        if base is None:
+            continue
+        status = (row.get("flip") or {}).get(judge) if judge and isinstance(row.get("flip"), dict) else None
+        if status is None:
+            a, b = _refused(base, judge), _refused(row, judge)
+            status = None if a is None or b is None or a == b else ("refusal_lost" if a else "refusal_gained")
+        if status not in FLIP_DIRECTIONS:
+            continue
+        if pid not in prompts:
+            prompts[pid] = [str(row.get("prompt") or ""), _truncate(str(base.get("response") or ""), cut)[0],
+                            [_judge_label(base, j) for j in judges], str(row.get("benchmark") or row.get("set") or ""),
+                            str(row.get("category") or ""), str(row.get("label") or "")]
+        flips.append([pid, label, FLIP_DIRECTIONS.index(status), _truncate(str(row.get("response") or ""), cut)[0],
+                      [_judge_label(row, j) for j in judges]])
+    data = {"judges": judges, "variants": variants, "reference": reference,
+            "directions": ["refusal lost", "refusal gained"], "prompts": prompts, "flips": flips,
+            "page": opts.flips_page_size}
+    return {"n": len(flips), "json": safe_json(data), "rows_present": rows_present, "judge": judge or "primary",
+            "reference": reference, "page": opts.flips_page_size, "response_chars": cut}
+
+
+def _judge_label(row: dict[str, Any], judge: str) -> str:
+    entry = (row.get("judges") or {}).get(judge)
+    if isinstance(entry, dict):
+        return str(entry.get("label") or "")
+    return str(row.get("verdict") or "") if row.get("judge") == judge else ""
+
+
+#: Keys of a variant record that the report shows elsewhere; every other dict is metadata
+#: (e.g. "quantizer", "artifact", "calibration") shown generically in the provenance section.
+_SHOWN_VARIANT_KEYS = {"name", "method", "scheme", "options", "status", "fingerprint", "quantize_seconds",
+                       "eval_seconds", "metrics", "counts"}
+
+
+def _variant_metadata(v: dict[str, Any]) -> dict[str, Any]:
+    """Flattened key/values of a variant's metadata dicts, and number lists drawn as sparklines."""
+    pairs: list[tuple[str, str]] = []
+    curves: list[dict[str, str]] = []
+
+    def walk(d: Any, prefix: str) -> None:
+        if isinstance(d, dict) and d:
+            for k, val in d.items():
+                walk(val, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(d, list) and len(d) >= 3 and all(_num(x) is not None for x in d):
+            svg = figures.sparkline([float(x) for x in d])
+            curves.append({"key": prefix, "src": figures.svg_data_uri(svg),
+                           "text": f"{len(d)} points, {d[0]:g} → {d[-1]:g}"})
+        else:
+            pairs.append((prefix, fmt_value(d)))
+
+    for key, val in v.items():
+        if key not in _SHOWN_VARIANT_KEYS and isinstance(val, (dict, list)):
+            walk(val, key)
+        elif key not in _SHOWN_VARIANT_KEYS:
+            pairs.append((key, fmt_value(val)))
+    return {"pairs": pairs, "curves": curves}
+
+
 @dataclass(frozen=True)
 class Section:
     id: str
@@ -486,8 +639,11 @@ class Section:
 #: The report's sections, in page order. The template has one macro per id.
 SECTIONS: list[Section] = [
     Section("thesis", "Finding", build_thesis, in_nav=False),
-    Section("summary", "Summary by variant", build_summary_table),
+    Section("verdicts", "Verdicts", build_verdicts),
     Section("scatter", "Safety vs perplexity", build_scatter),
+    Section("summary", "Summary by variant", build_summary_table),
+    Section("categories", "By category", build_categories),
+    Section("flips", "Flips", build_flips),
     Section("samples", "Sample responses", build_samples),
     Section("probes", "Activation probes", build_probes),
     Section("provenance", "Provenance", build_provenance),
@@ -497,7 +653,8 @@ SECTIONS: list[Section] = [
 def build_context(run: Run, opts: ReportOptions | None = None) -> dict[str, Any]:
     """The whole template context: page header + the built sections in order."""
     opts = opts or ReportOptions()
-    c = Ctx(run=run, opts=opts, sets=prompt_sets(run), stats=variant_stats(run))
+    c = Ctx(run=run, opts=opts, sets=prompt_sets(run), stats=variant_stats(run),
+            verdicts={v.variant: v for v in evaluate(run, opts.thresholds)})
     s = run.summary
     models = s.get("models") or {}
 
@@ -521,7 +678,21 @@ def build_context(run: Run, opts: ReportOptions | None = None) -> dict[str, Any]
         "reference": c.ref.name if c.ref else None,
         "run_dir_name": run.run_dir.resolve().name,
         "sections": sections,
+        **page_script(),
     }
+
+
+def page_script() -> dict[str, Any]:
+    """The page's one inline script and the Content-Security-Policy that allows only it.
+
+    The CSP names the script by its hash: even if some model output ever slipped past escaping,
+    the browser would refuse to run it, and `default-src 'none'` blocks every network request.
+    """
+    script = (TEMPLATE_DIR / SCRIPT_NAME).read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; "
+           "base-uri 'none'; form-action 'none'")
+    return {"script": Markup(script), "csp": csp}
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,10 +716,12 @@ def render_html(run: Run, opts: ReportOptions | None = None) -> str:
     return environment().get_template(TEMPLATE_NAME).render(**build_context(run, opts))
 
 
-def render(run_dir: Path, out: Path | None = None, *, options: ReportOptions | None = None) -> Path:
+def render(run_dir: Path, out: Path | None = None, *, options: ReportOptions | None = None,
+           exports: bool = True) -> Path:
     """Render `run_dir` into one self-contained HTML file; return its path.
 
-    `out` defaults to ``run_dir / "report.html"``. The file is written atomically.
+    `out` defaults to ``run_dir / "report.html"``. The file is written atomically. With `exports`,
+    the CSV exports (variants.csv, rows.csv) are rewritten in the run directory too.
     Raises ReportError for a missing or unusable summary.json / rows.jsonl.
     """
     run_dir = Path(run_dir)
@@ -559,5 +732,7 @@ def render(run_dir: Path, out: Path | None = None, *, options: ReportOptions | N
         write_atomic(out, html)
     except OSError as exc:
         raise ReportError(f"{out}: cannot be written ({_one_line(exc)}); choose a writable output path") from None
+    if exports:
+        write_exports(run, run_dir, options.thresholds if options else None)
     log.info("wrote %s", out)
     return out

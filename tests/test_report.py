@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import reports
-from reports import ReportError, ReportOptions, render
+from reports import ReportError, ReportOptions, Thresholds, render
 from reports import figures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +200,8 @@ def test_writes_one_file_atomically(run_dir: Path):
     out = render(run_dir)
     assert out == run_dir / "report.html"
     assert out.is_file() and out.stat().st_size > 10_000
-    assert {p.name for p in run_dir.iterdir()} == before | {"report.html"}  # no temp, no figure files
+    # no temp, no figure files: the report plus the CSV exports
+    assert {p.name for p in run_dir.iterdir()} == before | {"report.html", "variants.csv", "rows.csv"}
 
 
 def test_out_path_and_deterministic(run_dir: Path, tmp_path: Path):
@@ -219,17 +220,26 @@ def test_failed_write_leaves_old_report_and_no_temp(run_dir: Path, monkeypatch):
         raise OSError("disk full")
 
     # `reports.render` is the function; the module lives in sys.modules under the same name.
-    monkeypatch.setattr(importlib.import_module("reports.render").os, "replace", boom)
+    monkeypatch.setattr(importlib.import_module("reports.run").os, "replace", boom)
     with pytest.raises(ReportError, match="report.html"):
         render(run_dir)
     assert out.read_bytes() == old
-    assert sorted(p.name for p in run_dir.iterdir()) == ["report.html", "rows.jsonl", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["report.html", "rows.csv", "rows.jsonl", "summary.json",
+                                                         "variants.csv"]
 
 
 def test_self_contained_no_external_loads(html: str):
     doc = parse(html)
     tags = {t for t, _ in doc.tags}
-    assert not tags & {"script", "link", "iframe", "object", "embed", "base", "form", "frame"}
+    assert not tags & {"link", "iframe", "object", "embed", "base", "frame"}
+    # Scripts: the JSON data of the flips browser and the page's one inline script, which the
+    # Content-Security-Policy allows by its hash (no other script could run); none has a src.
+    scripts = [a for t, a in doc.tags if t == "script"]
+    assert all("src" not in a for a in scripts)
+    assert [a.get("type") for a in scripts] == ["application/json", None]
+    csp = next(a["content"] for t, a in doc.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy")
+    assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline' ;" not in csp
+    assert all("action" not in a for t, a in doc.tags if t == "form")
     for tag, attrs in doc.tags:
         for name, value in attrs.items():
             assert not name.startswith("on"), (tag, name)
@@ -241,6 +251,7 @@ def test_self_contained_no_external_loads(html: str):
     # Outside the (escaped) model text there is no http(s) reference at all.
     stripped = re.sub(r'<pre class="response">.*?</pre>', "", html, flags=re.S)
     stripped = re.sub(r'<p class="prompt">.*?</p>', "", stripped, flags=re.S)
+    stripped = re.sub(r'<script type="application/json".*?</script>', "", stripped, flags=re.S)
     assert "http://" not in stripped and "https://" not in stripped
 
 
@@ -269,8 +280,9 @@ def test_summary_table_numbers(html: str):
         texts = [t for _, t in row]
         assert texts[0].startswith(v["name"])
         assert texts[1] == v["method"] and texts[2] == v["scheme"]
+        assert texts[3] == ("reference" if v is fp else "PASS" if v["name"] == "rtn-w8a8" else "FAIL")
         for j, set_name in enumerate(set_order):
-            cls, text = row[3 + j]
+            cls, text = row[4 + j]
             c = v["counts"][set_name]
             assert text.startswith(f"{pct(c['refusal'], c['n'])} ({c['refusal']}/{c['n']})"), text
             if c["empty"]:
@@ -289,11 +301,11 @@ def test_summary_table_numbers(html: str):
                 assert "worse" not in cls and "better" not in cls
         ppl = v["metrics"]["perplexity"]
         ratio = ppl / fp["metrics"]["perplexity"]
-        assert texts[3 + len(set_order)] == (f"{ppl:.2f}" if ppl < 100 else f"{ppl:.1f}")
-        assert texts[4 + len(set_order)] == (f"{ratio:.2f}×" if ratio < 100 else f"{ratio:,.0f}×")
-        assert ("worse" in row[4 + len(set_order)][0]) == (v is not fp and ratio > 1.2)
+        assert texts[4 + len(set_order)] == (f"{ppl:.2f}" if ppl < 100 else f"{ppl:.1f}")
+        assert texts[5 + len(set_order)] == (f"{ratio:.2f}×" if ratio < 100 else f"{ratio:,.0f}×")
+        assert ("worse" in row[5 + len(set_order)][0]) == (v is not fp and ratio > 1.2)
         q = v["quantize_seconds"]
-        assert texts[5 + len(set_order)] == (f"{q:.1f} s" if q < 60 else f"{int(round(q)) // 60} min {int(round(q)) % 60:02d} s")
+        assert texts[-1] == (f"{q:.1f} s" if q < 60 else f"{int(round(q)) // 60} min {int(round(q)) % 60:02d} s")
 
 
 def _thesis_text(html: str) -> str:
@@ -334,8 +346,11 @@ def test_thesis_is_computed_from_numbers(html: str, tmp_path: Path):
 
 
 def test_model_output_is_escaped(html: str):
-    assert "<script>" not in html and "<script" not in html.lower()
-    assert "onerror=alert" not in re.sub(r"&lt;img src=x onerror=alert\(1\)&gt;", "", html)
+    assert "<script>alert" not in html and "<img src=x" not in html and '<a href="javascript' not in html
+    # In the flips browser's JSON the payload is \u-escaped, so it cannot close the script element.
+    assert "\\u003cscript\\u003ealert(1)\\u003c/script\\u003e" in html
+    outside_json = re.sub(r'<script type="application/json".*?</script>', "", html, flags=re.S)
+    assert "onerror=alert" not in re.sub(r"&lt;img src=x onerror=alert\(1\)&gt;", "", outside_json)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "&lt;a href=&#34;javascript:alert(1)&#34;&gt;" in html
@@ -426,7 +441,7 @@ def test_package_exports():
 
 def test_options_change_the_verdicts(run_dir: Path, tmp_path: Path):
     # A stricter perplexity bound: quarot-w4a4 (ratio ~1.07) no longer "keeps" perplexity.
-    strict = ReportOptions(max_ppl_ratio=1.01)
+    strict = ReportOptions(thresholds=Thresholds(max_ppl_ratio=1.01))
     text = _thesis_text(render(run_dir, tmp_path / "strict.html", options=strict).read_text("utf-8"))
     assert "Perplexity is not safety:" not in text
     assert "quarot-w4a4" in text and "exceed 1.01× perplexity" in text
@@ -439,7 +454,7 @@ def test_infinite_perplexity_is_shown_not_plotted(tmp_path: Path):
     text = render(write_run(tmp_path / "inf", summary, rows)).read_text("utf-8")  # json writes Infinity
     row = parse(text).summary_rows[3]
     assert row[0][1].startswith("rtn-w4a4")
-    assert [t for _, t in row][-3:-1] == ["∞", "∞×"]
+    assert [t for _, t in row][4 + len(SETS):6 + len(SETS)] == ["∞", "∞×"]
     assert "Not plotted" in text and "rtn-w4a4 exceeds 1.2× perplexity" in text
 
 

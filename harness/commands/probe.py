@@ -8,7 +8,6 @@ registry) and the `probes` package, which never imports `harness`.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import re
 from pathlib import Path
@@ -64,7 +63,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from probes.errors import ProbeError
     from probes.slr import check_classes
     from probes.suite import ProbeSettings, run_probe_suite
-    from quantizers import QuantContext, build_quantizer
+    from harness.quantize import BaseReference, CalibrationOptions, load_saved_variant, quantize_variant
 
     # Validate everything cheap before loading a model.
     specs = parse_variants(args.variant or [])
@@ -99,11 +98,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     def builder(spec):
         def build():
+            if spec.artifact:  # a folder saved by `safequant quantize`
+                return load_saved_variant(spec.artifact, loaded, device=next(loaded.model.parameters()).device)[0].model
             log.info("variant %s: quantizing (%s, %s)", spec.name, spec.method, spec.scheme.label)
-            ctx = QuantContext(tokenizer=tok, reference_model=loaded.model,
-                               device=next(loaded.model.parameters()).device, seed=args.seed)
-            model = build_quantizer(spec.method, spec.options).apply(copy.deepcopy(loaded.model), spec.scheme, ctx)
-            return model.eval()
+            return quantize_variant(spec.method, spec.scheme, spec.options, loaded, BaseReference(None, None),
+                                    CalibrationOptions(), args.seed).model
         return build
 
     out.mkdir(parents=True, exist_ok=True)
