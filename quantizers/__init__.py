@@ -22,6 +22,7 @@ from .fake_quant import (
     round_ste,
 )
 from .fp import FPQuantizer
+from .gptq import GPTQOptions, GPTQQuantizer, gptq_quantize, quantize_weights
 from .modules import (
     KVQuantSpec,
     QuantLinear,
@@ -39,6 +40,8 @@ __all__ = [
     "BUILTIN_MODULES",
     "ENTRY_POINT_GROUP",
     "FPQuantizer",
+    "GPTQOptions",
+    "GPTQQuantizer",
     "KVQuantSpec",
     "NoOptions",
     "QuantContext",
@@ -61,9 +64,11 @@ __all__ = [
     "fake_quant_weight",
     "find_attention_modules",
     "get_quantizer",
+    "gptq_quantize",
     "iter_quant_linears",
     "mse_clip_search",
     "quantize_linear_layers",
+    "quantize_weights",
     "register_quantizer",
     "reload_plugins",
     "round_ste",

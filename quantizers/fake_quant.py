@@ -37,6 +37,8 @@ __all__ = [
     "fake_quant_activation",
     "fake_quant_kv",
     "mse_clip_search",
+    "grid_params",
+    "quantize_to_grid",
 ]
 
 ClipArg = float | torch.Tensor
@@ -95,6 +97,36 @@ def _expand_clip(clip: ClipArg | None, grouped: torch.Tensor) -> ClipArg | None:
     return clip
 
 
+def _grid_params(
+    x: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    clip: ClipArg,
+    clip_low: ClipArg | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and asymmetric zero point) of each last-dim vector of ``x`` ``[..., g]``, keepdim."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        absmax = x.abs().amax(dim=-1, keepdim=True) * clip
+        scale = absmax / qmax
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+    qmax = 2**bits - 1
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0) * (clip if clip_low is None else clip_low)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0) * clip
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, round_ste(-lo / scale)
+
+
+def _to_grid(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Round ``x`` onto the grid given by ``scale``/``zero`` (``zero is None``: symmetric) and dequantize."""
+    if zero is None:
+        q = torch.clamp(round_ste(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        return q * scale
+    q = torch.clamp(round_ste(x / scale) + zero, 0, 2**bits - 1)
+    return (q - zero) * scale
+
+
 def _fq_grouped(
     x: torch.Tensor,
     bits: int,
@@ -103,22 +135,36 @@ def _fq_grouped(
     clip_low: ClipArg | None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` of shape ``[..., g]`` with one scale per last-dim vector (compute dtype)."""
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        qmin = -(2 ** (bits - 1))
-        absmax = x.abs().amax(dim=-1, keepdim=True) * clip
-        scale = absmax / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.clamp(round_ste(x / scale), qmin, qmax)
-        return q * scale
-    qmax = 2**bits - 1
-    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0) * (clip if clip_low is None else clip_low)
-    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0) * clip
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = round_ste(-lo / scale)
-    q = torch.clamp(round_ste(x / scale) + zero, 0, qmax)
-    return (q - zero) * scale
+    scale, zero = _grid_params(x, bits, symmetric, clip, clip_low)
+    return _to_grid(x, scale, zero, bits)
+
+
+def grid_params(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    clip_ratio: ClipArg = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(scale, zero)`` that :func:`fake_quant` would use for each row of ``x`` ``[rows, n]``
+    (one group per row), each of shape ``[rows, 1]``; ``zero`` is ``None`` when symmetric.
+
+    For methods that fix the grid first and round later (GPTQ rounds one column at a time with
+    scales computed from the whole row or group); pair with :func:`quantize_to_grid`.
+    """
+    _check_bits(bits)
+    xc = x.to(_compute_dtype(x))
+    clip = clip_ratio.to(xc.dtype).reshape(-1, 1) if isinstance(clip_ratio, torch.Tensor) else clip_ratio
+    return _grid_params(xc, bits, symmetric, clip, None)
+
+
+def quantize_to_grid(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Fake-quantize ``x`` on a given grid (from :func:`grid_params`; shapes broadcast), same formula
+    as :func:`fake_quant`. Returns the compute dtype."""
+    _check_bits(bits)
+    return _to_grid(x.to(scale.dtype), scale, zero, bits)
 
 
 def fake_quant(
