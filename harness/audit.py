@@ -31,7 +31,8 @@ from harness.benchmarks import describe_sets, load_benchmarks
 from harness.first_token import first_token_refusal_prob
 from harness.judges import get_judges, judge_all
 from harness.models import LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model
-from harness.quantize import ABLATED, BaseReference, load_saved_variant, quantize_variant, resolve_base
+from harness.quantize import (ABLATED, BaseReference, check_calibration_overlap, load_saved_variant,
+                              quantize_variant, resolve_base, resolve_probe_model)
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from harness.prompts import PromptSet
 from harness.stats import annotate_flips, first_token_summary, summary_block
@@ -77,6 +78,10 @@ class Audit:
         if self._needs_base() and not config.base:
             raise UserError("a variant needs the unaligned base model (e.g. aaq): pass --base MODEL or --base ablated")
         self.calib = config.calibration()
+        self.evaluation = [(ps.name, r.id, r.prompt) for ps in self.prompt_sets for r in ps.records]
+        for spec in self.variants:
+            if not spec.artifact:
+                check_calibration_overlap(spec.method, self.calib, self.evaluation)
         self.ppl = _ppl_settings(config, self.subject_source)
         self.ppl_text = load_text(self.ppl.source)
         self.judges = get_judges(config.judges)
@@ -105,6 +110,10 @@ class Audit:
         if self.probes is None and self.config.probes:
             summary["probes"] = {"skipped": self.probe_skip_reason}
         all_rows: list[dict] = []
+        self.probe_model = None
+        if any(getattr(get_quantizer(v.method), "uses_calibration_prompts", False) for v in self.variants if not v.artifact):
+            self.probe_model = resolve_probe_model(self.config.probe_model, subject, device=self.config.device,
+                                                   dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code)
         for spec in self.variants:
             record, rows = self._run_variant(spec, subject, base)
             summary["variants"].append(record)
@@ -128,14 +137,15 @@ class Audit:
         log.info("variant %s: %s (%s, %s)", spec.name, "loading" if spec.artifact else "quantizing",
                  spec.method, spec.scheme.label)
         seed_everything(self.config.seed)
-        evaluation = [(ps.name, r.id, r.prompt) for ps in self.prompt_sets for r in ps.records]
+        evaluation = self.evaluation
         device = next(subject.model.parameters()).device
         if spec.artifact:
             variant, _ = load_saved_variant(spec.artifact, subject, device=device, dtype=next(subject.model.parameters()).dtype,
                                             evaluation=evaluation, calib=self.calib)
         else:
             variant = quantize_variant(spec.method, spec.scheme, spec.options, subject, base, self.calib,
-                                       self.config.seed, evaluation=evaluation)
+                                       self.config.seed, evaluation=evaluation, probe_model=self.probe_model,
+                                       system_prompt=self.config.system_prompt)
         model = variant.model
         quantize_seconds = variant.seconds
         if self.probes is not None:

@@ -131,6 +131,7 @@ class AuditConfig:
     calib_prompts: str = "calibration"
     allow_overlap: bool = False
     ablate_layer: int | None = None
+    probe_model: str = "auto"
 
     def calibration(self):
         """The calibration settings as :class:`harness.quantize.CalibrationOptions`."""

@@ -26,13 +26,15 @@ from harness.errors import UserError
 from harness.models import LoadedModel, load_model, resolve_model
 from quantizers import QuantContext, QuantScheme, build_quantizer, get_quantizer
 
-__all__ = ["CalibrationOptions", "BaseReference", "QuantizedVariant", "resolve_base", "quantize_variant",
-           "load_saved_variant", "calibration_overlap", "ABLATED"]
+__all__ = ["CalibrationOptions", "BaseReference", "QuantizedVariant", "resolve_base", "resolve_probe_model",
+           "quantize_variant", "load_saved_variant", "calibration_overlap", "check_calibration_overlap", "ABLATED", "ALIGNED_PARENTS"]
 
 log = logging.getLogger(__name__)
 
 #: ``--base ablated``: build the unaligned reference from the subject by refusal-direction ablation.
 ABLATED = "ablated"
+#: Bundled models whose aligned ancestor is known: Q-realign fits its probes on the aligned model.
+ALIGNED_PARENTS = {"toy-chat-eroded": "toy-chat"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,28 @@ def resolve_base(base: str | None, subject: LoadedModel, *, device: str = "auto"
     return BaseReference(loaded.model, loaded.describe())
 
 
+def resolve_probe_model(spec: str | None, subject: LoadedModel, *, device: str = "auto", dtype: str = "auto",
+                        trust_remote_code: bool = False) -> nn.Module | None:
+    """The aligned model that probe-based methods (Q-realign) fit their probes on.
+
+    ``"auto"``: the known aligned parent of a bundled model (toy-chat for toy-chat-eroded), else the
+    subject itself (``None``); ``"subject"``/``"none"``: the subject; anything else is loaded as a
+    model and must share the subject's hidden size and tokenizer vocabulary.
+    """
+    if spec is None or spec.lower() in ("none", "subject"):
+        return None
+    if spec == "auto":
+        spec = ALIGNED_PARENTS.get(subject.source.spec)
+        if spec is None:
+            return None
+    loaded = load_model(resolve_model(spec), device, dtype, trust_remote_code)
+    if loaded.model.config.hidden_size != subject.model.config.hidden_size or len(loaded.tokenizer) != len(subject.tokenizer):
+        raise UserError(f"--probe-model {spec!r} (hidden {loaded.model.config.hidden_size}) does not match "
+                        f"{subject.source.spec!r} (hidden {subject.model.config.hidden_size}): probes must come from "
+                        "the aligned model of the same family")
+    return loaded.model
+
+
 def check_pair(subject: LoadedModel, base: LoadedModel) -> None:
     """FT and PT must share the tokenizer's vocabulary and the architecture (AAQ compares logits)."""
     s_cfg, b_cfg = subject.model.config, base.model.config
@@ -125,6 +149,12 @@ def calibration_overlap(calibration: Iterable[dict], evaluation: Iterable[tuple[
     return [f"{name}/{rid}" for name, rid, prompt in evaluation if str(rid) in ids or _normalise(prompt) in texts]
 
 
+def check_calibration_overlap(method: str, calib: CalibrationOptions, evaluation: list[tuple[str, str, str]]) -> None:
+    """Before anything runs: refuse evaluation prompts that ``method`` would calibrate on."""
+    if getattr(get_quantizer(method), "uses_calibration_prompts", False):
+        _check_overlap(load_calibration_prompts(calib.prompts), evaluation, calib, method)
+
+
 def _check_overlap(calibration: list[dict], evaluation: list[tuple[str, str, str]] | None, calib: CalibrationOptions,
                    method: str) -> None:
     if not evaluation or calib.allow_overlap:
@@ -139,10 +169,17 @@ def _check_overlap(calibration: list[dict], evaluation: list[tuple[str, str, str
 def quantize_variant(method: str, scheme: QuantScheme, options: dict[str, Any], subject: LoadedModel,
                      base: BaseReference, calib: CalibrationOptions, seed: int, *,
                      evaluation: list[tuple[str, str, str]] | None = None,
-                     probe_model: nn.Module | None = None) -> QuantizedVariant:
-    """Quantize a copy of the subject (``fp`` returns the subject itself) and describe it."""
-    quantizer = build_quantizer(method, options)
+                     probe_model: nn.Module | None = None, system_prompt: str | None = None) -> QuantizedVariant:
+    """Quantize a copy of the subject (``fp`` returns the subject itself) and describe it.
+
+    A method with a ``system_prompt`` option (Q-realign renders its calibration prompts with the
+    chat template) gets the evaluation's system prompt unless the variant sets its own, so that
+    calibration and evaluation see the same template (a pitfall of the released Q-realign code).
+    """
     cls = get_quantizer(method)
+    if system_prompt is not None and "system_prompt" in cls.option_names() and "system_prompt" not in options:
+        options = {**options, "system_prompt": system_prompt}
+    quantizer = build_quantizer(method, options)
     calibration = None
     ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=subject.model, base_model=base.model,
                        device=next(subject.model.parameters()).device, seed=seed, probe_model=probe_model)

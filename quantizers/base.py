@@ -48,7 +48,7 @@ ENTRY_POINT_GROUP = "safequant.quantizers"
 
 #: Modules of this package that hold built-in quantizers (imported lazily by the registry).
 #: Add the module of every new built-in method here.
-BUILTIN_MODULES: tuple[str, ...] = ("fp", "rtn", "gptq", "smoothquant", "quarot", "ost", "aaq")
+BUILTIN_MODULES: tuple[str, ...] = ("fp", "rtn", "gptq", "qrealign", "smoothquant", "quarot", "ost", "aaq")
 
 
 class QuantizerError(ValueError):

@@ -643,11 +643,13 @@ def install_online_hadamards(
     down_layers: Sequence[int] = (),
     qk: bool = False,
     generator: torch.Generator | None = None,
+    o_layers: Sequence[int] = (),
 ) -> dict[str, OnlineHadamard]:
-    """Online Hadamards (QuaRot) on the down_proj inputs of ``down_layers`` and, with ``qk``, on
-    post-RoPE queries and keys.
+    """Online Hadamards (QuaRot) on the down_proj inputs of ``down_layers``, on the o_proj inputs
+    of ``o_layers`` (QuaRot mixes the attention output across heads online; the per-head part is
+    ``R2``, fused) and, with ``qk``, on post-RoPE queries and keys.
 
-    The down_proj ones are returned as ``{qualified name: module}`` for the ``input_transforms`` of
+    The down_proj and o_proj ones are returned as ``{qualified name: module}`` for the ``input_transforms`` of
     :func:`~quantizers.modules.quantize_linear_layers` / ``quantize_weights``; their inverse is added
     to ``builder`` (if given) as the down_proj weight's last consumer step, so add them after the
     up -> down scale site. The Q/K ones are set as each attention module's
@@ -661,6 +663,12 @@ def install_online_hadamards(
         transforms[f"{lp.prefix}.mlp.down_proj"] = h
         if builder is not None:
             builder.consume(lp.down, OnlineOp(h))
+    for i in o_layers:
+        lp = parts.layers[i]
+        h = OnlineHadamard.random(lp.o.weight.shape[1], generator).to(device)
+        transforms[f"{lp.prefix}.self_attn.o_proj"] = h
+        if builder is not None:
+            builder.consume(lp.o, OnlineOp(h))
     if qk:
         for lp in parts.layers:
             lp.attn.safequant_qk_transform = OnlineHadamard.random(parts.head_dim, generator).to(device)
@@ -729,8 +737,9 @@ class TransformQuantizer(Quantizer):
         self.metadata["weights"] = {**stats, "mse_clip": step_scheme.w_clip_search}
 
 
-def online_down_layers(parts: ModelParts, scheme: QuantScheme) -> list[int]:
-    """Layers whose down_proj is quantized by ``scheme`` (those get an online Hadamard input)."""
+def online_down_layers(parts: ModelParts, scheme: QuantScheme, proj: str = "mlp.down_proj") -> list[int]:
+    """Layers whose ``proj`` (down_proj by default) is quantized by ``scheme`` (those get an
+    online Hadamard input)."""
     if not scheme.quantizes_linears:
         return []
-    return [i for i, lp in enumerate(parts.layers) if not scheme.skips(f"{lp.prefix}.mlp.down_proj")]
+    return [i for i, lp in enumerate(parts.layers) if not scheme.skips(f"{lp.prefix}.{proj}")]

@@ -2,9 +2,12 @@
 
 Methods that calibrate on prompts rather than text (Q-realign's probe objective, the refusal
 direction behind ``--base ablated``) need harmful and benign requests that are *not* evaluation
-prompts. These come from the toy data's development split (held-out vocabulary x held-out
-request frames: never trained on, never in the held-out evaluation sets); tests/test_prompts.py
-checks that they stay disjoint from every evaluation set.
+prompts. These are drawn (seeded) from toy-chat's safety-SFT prompts (``scripts/toy_data.py``):
+harmful = the prompts whose trained response is a refusal, benign = the others. The toy models
+were trained on them, the way a real model's calibration set (e.g. AdvBench plus Alpaca for
+Q-realign's released probes) comes from the same distribution as its alignment data; the
+held-out evaluation sets were written apart from them, and tests/test_prompts.py and
+tests/test_calibration_data.py check that no evaluation prompt equals or nearly equals one.
 
     python scripts/build_calibration_prompts.py
 """
@@ -12,42 +15,36 @@ checks that they stay disjoint from every evaluation set.
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))
 
 import toy_data  # noqa: E402
 
+from harness.judges import RefusalPhraseJudge  # noqa: E402
+
 OUT = REPO / "harness" / "data" / "prompts" / "calibration.jsonl"
-
-
-#: Development-split draws to pool: one draw has ~140 prompts per label; Q-realign's default
-#: calibration mix (200 prompts, 75% harmful) needs 150 harmful, probes want more.
-SEEDS = (toy_data.DEFAULT_SEED, toy_data.DEFAULT_SEED + 10, toy_data.DEFAULT_SEED + 20)
-
-
-def _normalised(text: str) -> str:
-    return " ".join(text.lower().split())
+#: Per label. Q-realign's default mix (200 prompts, 75% harmful) needs 150 harmful; its probes are
+#: fitted on every record (the released probes used 500 + 500).
+N_PER_LABEL = 250
+SEED = 0
 
 
 def main() -> None:
-    dev: dict[str, list[str]] = {"harmful": [], "benign": []}
-    seen = {_normalised(p) for p in toy_data.training_prompts()}  # never a prompt the toys trained on
-    for seed in SEEDS:
-        for label, prompts in toy_data.dev_examples(seed).items():
-            for prompt in prompts:
-                if _normalised(prompt) not in seen:
-                    seen.add(_normalised(prompt))
-                    dev[label].append(prompt)
-    lines = []
-    for label in ("harmful", "benign"):
-        for i, prompt in enumerate(dev[label], 1):
-            record = {"id": f"calib-{label}-{i:03d}", "prompt": prompt, "category": f"calibration-{label}", "label": label}
-            lines.append(json.dumps(record, ensure_ascii=False))
-    OUT.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {OUT} ({len(dev['harmful'])} harmful, {len(dev['benign'])} benign)")
+    judge = RefusalPhraseJudge()
+    pools: dict[str, list[dict]] = {"harmful": [], "benign": []}
+    for i, (prompt, response) in enumerate(toy_data.sft_examples()):
+        label = "harmful" if judge.judge(prompt, response).refused else "benign"
+        pools[label].append({"id": f"calib-{label}-{i:05d}", "prompt": prompt, "category": f"calibration-{label}",
+                             "label": label})
+    rng = random.Random(SEED)
+    records = [r for label in ("harmful", "benign") for r in rng.sample(pools[label], N_PER_LABEL)]
+    OUT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    print(f"wrote {OUT} ({N_PER_LABEL} harmful, {N_PER_LABEL} benign)")
 
 
 if __name__ == "__main__":

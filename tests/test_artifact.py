@@ -83,3 +83,17 @@ def test_tied_embeddings_survive_save_and_load(toy_chat, tmp_path, one_thread):
     ids = torch.tensor([[1, 5, 9, 200]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_quarot_variant_with_online_hadamards_round_trips(toy_chat, tmp_path, one_thread):
+    from quantizers import QuantScheme
+
+    model = build_quantizer("quarot", {"weights": "rtn"}).apply(copy.deepcopy(toy_chat.model), "w4a4kv4", QuantContext())
+    attn = model.model.layers[0].self_attn
+    assert getattr(attn, "safequant_qk_transform", None) is not None
+    out = save_variant(model, tmp_path / "quarot", tokenizer=toy_chat.tokenizer, method="quarot",
+                       scheme=QuantScheme.parse("w4a4kv4"), options={"weights": "rtn"})
+    loaded, _, _ = load_variant(out)
+    ids = toy_chat.tokenizer("Write a haiku about the sea.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

@@ -32,7 +32,7 @@ from quantizers.transforms import (
 )
 
 
-def _transform_everything(model, generator, *, online_down=False, online_qk=False):
+def _transform_everything(model, generator, *, online_down=False, online_qk=False, online_o=False):
     """Fold norms, random R1/R2, random scales on every site (and online Hadamards), fused."""
     dtype = next(model.parameters()).dtype
     parts = model_parts(model)
@@ -45,7 +45,9 @@ def _transform_everything(model, generator, *, online_down=False, online_qk=Fals
     scales = {s.name: Scale(init=torch.rand(s.size, generator=generator, dtype=torch.float64) * 1.5 + 0.5) for s in sites}
     site_chains(sites, scales, builder)
     down = list(range(len(parts.layers))) if online_down else []
-    online = install_online_hadamards(parts, builder, down_layers=down, qk=online_qk, generator=generator)
+    o_layers = list(range(len(parts.layers))) if online_o else []
+    online = install_online_hadamards(parts, builder, down_layers=down, qk=online_qk, generator=generator,
+                                      o_layers=o_layers)
     fuse_chains(builder.chains())
     return online
 
@@ -88,9 +90,10 @@ def test_fused_transforms_keep_gqa_logits_with_online_hadamards(tiny_gqa, one_th
     ref = copy.deepcopy(tiny_gqa)
     model = tiny_gqa
     ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
-    online = _transform_everything(model, torch.Generator().manual_seed(0), online_down=True, online_qk=True)
-    # install the down_proj Hadamards as QuantLinear input transforms (activations kept at 16 bits)
-    replaced = quantize_linear_layers(model, "w16a8-skip=lm_head+q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj",
+    online = _transform_everything(model, torch.Generator().manual_seed(0), online_down=True, online_qk=True,
+                                   online_o=True)
+    # install the down_proj and o_proj Hadamards as QuantLinear input transforms (activations at 16 bits)
+    replaced = quantize_linear_layers(model, "w16a8-skip=lm_head+q_proj+k_proj+v_proj+gate_proj+up_proj",
                                       input_transforms=online)
     assert sorted(replaced) == sorted(online)
     for _, module in iter_quant_linears(model):

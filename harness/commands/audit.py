@@ -63,7 +63,7 @@ def _audit_config(args: argparse.Namespace):
         "ppl_max_tokens", "out", "max_new_tokens", "batch_size", "device", "dtype", "seed", "judges", "data_dir",
         "first_token", "bootstrap", "probes", "probe_layers",
         "system_prompt", "trust_remote_code", "report", "calib_text", "calib_samples", "calib_len", "calib_batch",
-        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer")}
+        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer", "probe_model")}
     config = config.with_overrides(overrides)
     if isinstance(config.base, str) and config.base.lower() == "none":
         config.base = None

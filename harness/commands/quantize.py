@@ -34,6 +34,9 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
                         f"'calibration' (built-in, disjoint from every evaluation set) or a prompt file (default {d.prompts})")
     g.add_argument("--allow-calibration-overlap", dest="allow_overlap", action="store_true", default=None,
                    help="evaluate even when evaluation prompts are also calibration prompts (not recommended)")
+    g.add_argument("--probe-model", metavar="M",
+                   help="aligned model whose SLR probes Q-realign uses: a model, or 'subject' (default auto: the known "
+                        "aligned parent of a bundled model, e.g. toy-chat for toy-chat-eroded, else the subject)")
     g.add_argument("--ablate-layer", type=int, metavar="L",
                    help="with --base ablated: take the refusal direction at this decoder layer "
                         "(default: the layer whose ablation removes the most refusal)")
@@ -75,7 +78,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from harness.calibration_data import calibration_text
     from harness.models import load_model, resolve_model
-    from harness.quantize import quantize_variant, resolve_base
+    from harness.quantize import quantize_variant, resolve_base, resolve_probe_model
     from quantizers import QuantizerError, QuantScheme, build_quantizer, get_quantizer
     from quantizers.artifact import save_variant
 
@@ -109,7 +112,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     subject = load_model(source, args.device, args.dtype, args.trust_remote_code)
     base = resolve_base(base_spec if cls.needs_base_model else None, subject, device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code, calib=calib, ablate_layer=args.ablate_layer)
-    variant = quantize_variant(args.method, scheme, options, subject, base, calib, args.seed)
+    probe_model = None
+    if cls.uses_calibration_prompts:
+        probe_model = resolve_probe_model(args.probe_model or "auto", subject, device=args.device, dtype=args.dtype,
+                                          trust_remote_code=args.trust_remote_code)
+    variant = quantize_variant(args.method, scheme, options, subject, base, calib, args.seed, probe_model=probe_model)
     record = variant.record
     path = save_variant(
         variant.model, out, tokenizer=subject.tokenizer, method=args.method, scheme=scheme,
