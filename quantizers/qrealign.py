@@ -114,7 +114,9 @@ class QRealignOptions:
     (True, the project's probe default; the direction is mapped back to raw hidden states either
     way; False is the paper's raw fit, on which saga often stops unconverged);
     ``system_prompt``: system prompt of the calibration chat template (empty = none); use the one
-    the model is evaluated and deployed with.
+    the model is evaluated and deployed with; ``probe_margin``: the malicious loss is
+    ``softplus(margin - logit)`` (0, the paper's); a positive margin keeps pushing prompts that
+    are already on the malicious side (an ablation, not the paper's method).
     """
 
     n_prompts: int = 200
@@ -135,6 +137,7 @@ class QRealignOptions:
     probe_test_size: float = 0.2
     probe_standardize: bool = True
     system_prompt: str = ""
+    probe_margin: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(message: str) -> QuantizerError:
@@ -390,11 +393,12 @@ def qrealign_loss(
     w: torch.Tensor,
     b: float | torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    margin: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Q-realign's per-block loss on a batch ``[B, T, H]`` (left padded: position -1 is the last
     prompt token of every row): benign rows give the MSE of the quantized block output to the FP
     one over their unmasked tokens and every channel; malicious rows give
-    ``softplus(-(h_q[-1] . w + b))``. Returns the mean over rows and the logged terms (``mse`` and
+    ``softplus(margin - (h_q[-1] . w + b))`` (``margin`` 0 in the paper). Returns the mean over rows and the logged terms (``mse`` and
     ``probe`` means over the rows of each kind present, ``logit`` the mean probe logit of the
     malicious rows)."""
     if hidden_q.shape != hidden_fp.shape or hidden_q.dim() != 3:
@@ -421,7 +425,7 @@ def qrealign_loss(
     if bool(malicious.any()):
         logit = hq[malicious][:, -1, :] @ w.to(hq.device, hq.dtype) + torch.as_tensor(b, dtype=hq.dtype,
                                                                                          device=hq.device)
-        probe = F.softplus(-logit)
+        probe = F.softplus(margin - logit)
         per_row = per_row.index_put((malicious.nonzero(as_tuple=True)[0],), probe)
         terms["probe"] = float(probe.detach().mean())
         terms["logit"] = float(logit.detach().mean())
@@ -702,7 +706,7 @@ class QRealignQuantizer(Quantizer):
 
             def loss_fn(k: int, _step: int, layer=layer, y_fp=y_fp, w=w, b=b):
                 out = run_layer(layer, x_q[k], kwargs[k])
-                return qrealign_loss(out, y_fp[k], labels[k], w, b, masks[k])
+                return qrealign_loss(out, y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)
 
             groups = block.param_groups()
             epochs = opts.epochs_for(i, n_layers)
@@ -716,7 +720,8 @@ class QRealignQuantizer(Quantizer):
                 cal = CalibrationLog(stage=stage, steps_planned=0)
             with torch.no_grad():
                 x_q = [run_layer(layer, h, kw) for h, kw in zip(x_q, kwargs)]
-                final = [qrealign_loss(x_q[k], y_fp[k], labels[k], w, b, masks[k])[1] for k in range(len(x_q))]
+                final = [qrealign_loss(x_q[k], y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)[1]
+                         for k in range(len(x_q))]
             block.fold()
             done.update(f"{layer_names[i]}.{n}" for n, m in block.linears.items() if m.quantize or m.act_quant)
             x_fp = y_fp
