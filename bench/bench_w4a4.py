@@ -97,11 +97,12 @@ def _options_for(row: Row, cls, steps: int | None) -> dict | str:
     """The row's options for quantizer ``cls``, or a reason it cannot run."""
     names = cls.option_names()
     opts = dict(row.options)
-    if row.weights == "gptq" and row.method != "gptq":
-        name = next((n for n in WEIGHT_OPTIONS if n in names), None)
-        if name is None:
-            return f"not available ({row.method} has no GPTQ weight option)"
-        opts[name] = "gptq"
+    name = next((n for n in WEIGHT_OPTIONS if n in names), None)
+    if row.weights == "gptq" and row.method != "gptq" and name is None:
+        return f"not available ({row.method} has no GPTQ weight option)"
+    if name is not None and row.weights in ("rtn", "gptq"):
+        # explicit in both directions: a method's "auto" would pick GPTQ whenever calibration data exists
+        opts[name] = row.weights
     if steps is not None:
         name = next((n for n in STEP_OPTIONS if n in names), None)
         if name is not None:
