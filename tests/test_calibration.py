@@ -54,7 +54,7 @@ def test_loop_minimises_and_logs_terms():
 
     def loss_fn(batch, step):
         loss = ((x - target) ** 2).sum()
-        return loss, {"gap": float((x - target).abs().max())}
+        return loss, {"gap": float((x - target).detach().abs().max())}
 
     log = run_calibration(loss_fn, [x], [None], steps=200, lr=0.1, show_progress=False)
     assert log.steps_run == 200 and len(log.history["loss"]) == 200 and len(log.history["gap"]) == 200
