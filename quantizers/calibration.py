@@ -159,7 +159,7 @@ def run_calibration(
     weight_decay: float = 0.0,
     schedule: Literal["constant", "cosine"] = "constant",
     grad_clip: float | None = None,
-    guard: DivergenceGuard | None = None,
+    guard: DivergenceGuard | Sequence[DivergenceGuard] | None = None,
     stage: str = "calibrate",
     progress: Callable[[str, int, int], None] | None = None,
     show_progress: bool = True,
@@ -170,8 +170,9 @@ def run_calibration(
     ``params`` is an iterable of parameters (one learning rate ``lr``) or a list of AdamW
     parameter groups (dicts with ``params`` and their own ``lr``/``weight_decay``). The returned
     :class:`CalibrationLog` holds every logged term per step (``loss`` is always logged).
-    Raises :class:`QuantizerError` on a non-finite loss or, with ``guard.action == "error"``, on
-    divergence.
+    ``guard`` is one :class:`DivergenceGuard` or several (each watching its own term; the first to
+    trip decides). Raises :class:`QuantizerError` on a non-finite loss or, with
+    ``action == "error"``, on divergence.
     """
     from tqdm.auto import tqdm
 
@@ -190,8 +191,9 @@ def run_calibration(
         raise QuantizerError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
 
     log = CalibrationLog(stage=stage, steps_planned=steps)
-    watched_start: float | None = None
-    good_state = _snapshot(groups) if guard is not None and guard.action == "stop" else None
+    guards = [] if guard is None else [guard] if isinstance(guard, DivergenceGuard) else list(guard)
+    watched_start: dict[str, float] = {}
+    good_state = _snapshot(groups) if any(g.action == "stop" for g in guards) else None
     bar = tqdm(total=steps, desc=stage, unit="step", disable=not show_progress, leave=False)
     started = time.perf_counter()
     try:
@@ -206,21 +208,14 @@ def run_calibration(
                     "or check the calibration data"
                 )
             terms = {"loss": value, **{k: float(v) for k, v in terms.items()}}
-            if guard is not None and guard.term in terms:
-                watched = abs(terms[guard.term])
-                if watched_start is None:
-                    watched_start = max(watched, guard.floor)
-                elif not math.isfinite(watched) or watched > guard.factor * watched_start:
-                    reason = (
-                        f"{guard.term} term diverged at step {step + 1}: |{guard.term}| = {watched:.4g} > "
-                        f"{guard.factor:g} x its first value {watched_start:.4g}"
-                    )
-                    if guard.action == "error":
-                        raise QuantizerError(f"{stage}: {reason}; lower alpha or the learning rate")
-                    log.stopped_early = reason
-                    if good_state is not None:
-                        _restore(groups, good_state)
-                    break
+            reason, tripped = _divergence(guards, terms, watched_start, step)
+            if tripped is not None:
+                if tripped.action == "error":
+                    raise QuantizerError(f"{stage}: {reason}; lower alpha or the learning rate")
+                log.stopped_early = reason
+                if good_state is not None:
+                    _restore(groups, good_state)
+                break
             if good_state is not None:
                 good_state = _snapshot(groups)  # these parameters gave an in-bounds term
             loss.backward()
@@ -240,6 +235,21 @@ def run_calibration(
     log.seconds = time.perf_counter() - started
     log.peak_memory_bytes = peak_memory_bytes(device)
     return log
+
+
+def _divergence(guards: Sequence[DivergenceGuard], terms: Mapping[str, float], start: dict[str, float],
+                step: int) -> tuple[str, DivergenceGuard | None]:
+    """The first guard whose term left its bounds this step (``start`` keeps each term's first value)."""
+    for g in guards:
+        if g.term not in terms:
+            continue
+        watched = abs(terms[g.term])
+        if g.term not in start:
+            start[g.term] = max(watched, g.floor)
+        elif not math.isfinite(watched) or watched > g.factor * start[g.term]:
+            return (f"{g.term} term diverged at step {step + 1}: |{g.term}| = {watched:.4g} > "
+                    f"{g.factor:g} x its first value {start[g.term]:.4g}"), g
+    return "", None
 
 
 # ---------------------------------------------------------------------- batches and layers

@@ -82,7 +82,7 @@ class OSTOptions(WeightStepOptions):
     stays at its random Hadamard, scales not learned stay 1). ``orthogonal_map``: ``cayley`` or
     ``matrix_exp`` parametrisation of the rotations. ``max_batches``: use only the first N
     calibration batches (None: all). ``guard_factor`` / ``guard_action``: stop (restoring the last
-    good step) or fail when the guarded loss term exceeds ``guard_factor`` times its first value
+    good step) or fail when a guarded loss term exceeds ``guard_factor`` times its first value
     (10, stop). Plus the weight step's ``weights`` (auto: GPTQ) and ``mse_clip``.
     """
 
@@ -130,8 +130,8 @@ class OSTQuantizer(TransformQuantizer):
     description = "OSTQuant: learned orthogonal rotations + diagonal scales (KL-top loss), fused, then GPTQ/RTN"
     Options = OSTOptions
     requires_calibration = True
-    #: The logged loss term the divergence guard watches.
-    guard_term: ClassVar[str] = "kl_top"
+    #: The logged loss terms the divergence guards watch (each against ``guard_factor``).
+    guard_terms: ClassVar[tuple[str, ...]] = ("kl_top",)
 
     def check(self, scheme: QuantScheme) -> None:
         super().check(scheme)
@@ -214,7 +214,7 @@ class OSTQuantizer(TransformQuantizer):
         try:
             log_ = run_calibration(
                 loss_fn, groups, batches, opts.steps,
-                guard=DivergenceGuard(self.guard_term, factor=opts.guard_factor, action=opts.guard_action),
+                guard=[DivergenceGuard(t, factor=opts.guard_factor, action=opts.guard_action) for t in self.guard_terms],
                 stage=self.name, progress=ctx.progress, device=device,
             )
         finally:

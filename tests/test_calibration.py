@@ -89,3 +89,15 @@ def test_nan_loss_is_a_clear_error():
     x = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(QuantizerError, match="loss became nan"):
         run_calibration(lambda b, s: (x.sum() * float("nan"), {}), [x], [None], steps=3, show_progress=False)
+
+
+def test_several_guards_the_first_to_trip_decides():
+    x = torch.nn.Parameter(torch.ones(1))
+
+    def loss_fn(batch, step):  # "pull" grows 3x faster than "push"
+        push = x.abs().sum()
+        return -push, {"push": float(push), "pull": float(3 * push - 2)}
+
+    log = run_calibration(loss_fn, [x], [None], steps=1000, lr=0.5, show_progress=False,
+                          guard=[DivergenceGuard("push", factor=5.0), DivergenceGuard("pull", factor=5.0)])
+    assert log.stopped_early.startswith("pull term diverged")
