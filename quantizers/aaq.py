@@ -41,8 +41,8 @@ class AAQOptions(OSTOptions):
     code variants as ablations: ``k_pull`` (None = k; their code uses 1000), ``diff_space``
     (``prob``: S_diff ranks |p_FT - p_PT|; ``logit``: |logit_FT - logit_PT|), ``renormalize``
     (True; False gathers full-vocabulary probabilities at S), ``push_set`` (``diff``; ``pt_top``:
-    push on PT's own top-K). The guards watch the push and the pull term (stop at 10x the first
-    value of either)."""
+    push on PT's own top-K). The guards watch the push and the pull term (stop at ``guard_factor``,
+    3x, the first value of either)."""
 
     alpha: float = 0.75
     k_pull: int | None = None
