@@ -47,6 +47,20 @@ def _parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def parse_options(items, where: str, example: str = "") -> dict:
+    """``KEY=VALUE`` items (each may hold several, comma-separated) as a dict of typed values;
+    ``where`` names the input in the error, ``example`` is appended to it."""
+    options: dict = {}
+    for item in ",".join(items).split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise UserError(f"{where}{item!r} must be written KEY=VALUE{example}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = _parse_value(value.strip())
+    return options
+
+
 def parse_variant(text: str) -> VariantSpec:
     """Parse `[NAME=]METHOD[:SCHEME][:OPTION=VALUE,...]` into a validated VariantSpec."""
     original = text.strip()
@@ -64,15 +78,7 @@ def parse_variant(text: str) -> VariantSpec:
     if not method:
         raise UserError(f"variant {text!r} has no method: write e.g. rtn:w4a4 or fp")
     scheme_text = parts[1].strip() if len(parts) > 1 and parts[1].strip() else "fp"
-    options: dict = {}
-    if len(parts) > 2:
-        for item in ":".join(parts[2:]).split(","):
-            if not item.strip():
-                continue
-            if "=" not in item:
-                raise UserError(f"variant {text!r}: option {item!r} must be written KEY=VALUE")
-            key, value = item.split("=", 1)
-            options[key.strip()] = _parse_value(value.strip())
+    options = parse_options([":".join(parts[2:])], f"variant {text!r}: option ") if len(parts) > 2 else {}
     try:
         quantizer = build_quantizer(method, options)
         scheme = QuantScheme.parse(scheme_text)

@@ -120,18 +120,16 @@ def resolve_probe_model(spec: str | None, subject: LoadedModel, *, device: str =
 
 
 def check_pair(subject: LoadedModel, base: LoadedModel) -> None:
-    """FT and PT must share the tokenizer's vocabulary and the architecture (AAQ compares logits)."""
-    s_cfg, b_cfg = subject.model.config, base.model.config
-    s_vocab, b_vocab = subject.model.get_output_embeddings().weight.shape[0], base.model.get_output_embeddings().weight.shape[0]
-    if s_vocab != b_vocab or len(subject.tokenizer) != len(base.tokenizer):
-        raise UserError(f"base model {base.source.spec!r} has vocabulary {b_vocab} (tokenizer {len(base.tokenizer)}) but "
-                        f"{subject.source.spec!r} has {s_vocab} ({len(subject.tokenizer)}): give the base model of the "
-                        "same family, or --base ablated")
-    if type(s_cfg).__name__ != type(b_cfg).__name__ or s_cfg.hidden_size != b_cfg.hidden_size:
-        raise UserError(f"base model {base.source.spec!r} ({type(b_cfg).__name__}, hidden {b_cfg.hidden_size}) does not "
-                        f"match {subject.source.spec!r} ({type(s_cfg).__name__}, hidden {s_cfg.hidden_size}): give the "
-                        "base model of the same family, or --base ablated")
+    """FT and PT must share the architecture and vocabulary (AAQ's rule,
+    :func:`quantizers.aaq.check_model_pair`), the width and the tokenizer's size."""
+    from quantizers.aaq import check_model_pair
 
+    check_model_pair(subject.model, base.model)
+    s_width, b_width = subject.model.config.hidden_size, base.model.config.hidden_size
+    if s_width != b_width or len(subject.tokenizer) != len(base.tokenizer):
+        raise UserError(f"base model {base.source.spec!r} (hidden {b_width}, tokenizer {len(base.tokenizer)}) does not "
+                        f"match {subject.source.spec!r} (hidden {s_width}, tokenizer {len(subject.tokenizer)}): give "
+                        "the base model of the same family, or --base ablated")
 
 _WS = re.compile(r"\s+")
 

@@ -37,6 +37,7 @@ from .modules import (
     KVQuantSpec,
     OnlineTransform,
     QuantLinear,
+    _set_submodule,
     enable_kv_quant,
     find_attention_modules,
     iter_quant_linears,
@@ -158,12 +159,6 @@ def save_variant(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def load_variant(

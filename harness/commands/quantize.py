@@ -58,32 +58,18 @@ def calibration_options(args: argparse.Namespace, base=None):
     return calib
 
 
-def _parse_options(items: list[str] | None) -> dict:
-    from harness.config import _parse_value
-
-    options = {}
-    for item in items or []:
-        for part in item.split(","):
-            if not part.strip():
-                continue
-            if "=" not in part:
-                raise UserError(f"--option {part!r} must be written KEY=VALUE (e.g. --option alpha=0.5)")
-            key, value = part.split("=", 1)
-            options[key.strip()] = _parse_value(value.strip())
-    return options
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     import time
 
     from harness.calibration_data import calibration_text
+    from harness.config import parse_options
     from harness.models import load_model, resolve_model
     from harness.quantize import quantize_variant, resolve_base, resolve_probe_model
     from quantizers import QuantizerError, QuantScheme, build_quantizer, get_quantizer
     from quantizers.artifact import save_variant
 
     # Validate everything before loading a model.
-    options = _parse_options(args.option)
+    options = parse_options(args.option or [], "--option ", " (e.g. --option alpha=0.5)")
     try:
         quantizer = build_quantizer(args.method, options)
         scheme = QuantScheme.parse(args.scheme)
