@@ -35,7 +35,7 @@ from harness.quantize import (ABLATED, BaseReference, check_calibration_overlap,
                               quantize_variant, resolve_base, resolve_probe_model)
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from harness.prompts import PromptSet
-from harness.stats import annotate_flips, first_token_summary, summary_block
+from harness.stats import annotate_flips, default_pairs, first_token_summary, pairwise_block, summary_block
 from harness.store import SCHEMA_VERSION, RunStore, check_writable
 from probes.errors import ProbeError
 from probes.slr import check_classes
@@ -71,6 +71,7 @@ class Audit:
         config.validate()
         self.config = config
         self.variants: list[VariantSpec] = config.variant_specs()
+        self.pairs = config.variant_pairs(self.variants)
         self.prompt_sets: list[PromptSet] = load_benchmarks(config.prompt_sets, data_dir=config.data_dir, limit=config.limit)
         self.subject_source = resolve_model(config.model)
         ablated = isinstance(config.base, str) and config.base.lower() == ABLATED
@@ -123,6 +124,7 @@ class Audit:
             judge_names = [j.name for j in self.judges]
             summary["statistics"] = summary_block(all_rows, reference=reference, judges=judge_names,
                                                   n_boot=self.config.bootstrap, seed=self.config.seed)
+            summary["statistics"]["pairs"] = self._pair_statistics(all_rows, summary["variants"])
             if self.config.first_token:
                 summary["first_token"] = first_token_summary(all_rows, self.judge.name)
             if self.probes is not None:
@@ -131,6 +133,16 @@ class Audit:
             self.store.write_results(summary, annotate_flips(all_rows, reference=reference, judges=judge_names))
             self._render(summary)
         return summary
+
+    def _pair_statistics(self, rows: list[dict], done: list[dict]) -> list[dict]:
+        """Head-to-head statistics: the user's ``--pairs`` first, then the default pairs (each
+        calibration method against its counterpart), over the variants evaluated so far."""
+        finished = {v["name"] for v in done}
+        user = [p for p in self.pairs if set(p) <= finished]
+        default = [p for p in default_pairs(done) if p not in user]
+        settings = {"judge": self.judge.name, "n_boot": self.config.bootstrap, "seed": self.config.seed}
+        return (pairwise_block(rows, user, origin="user", **settings)
+                + pairwise_block(rows, default, origin="default", **settings))
 
     # -- one variant ----------------------------------------------------------------------------
     def _run_variant(self, spec: VariantSpec, subject: LoadedModel, base: BaseReference):

@@ -138,6 +138,8 @@ class AuditConfig:
     allow_overlap: bool = False
     ablate_layer: int | None = None
     probe_model: str = "auto"
+    #: head-to-head comparisons `A=B` (A against B); the default pairs are added to these
+    pairs: list[str] = field(default_factory=list)
 
     def calibration(self):
         """The calibration settings as :class:`harness.quantize.CalibrationOptions`."""
@@ -179,6 +181,19 @@ class AuditConfig:
             # Ratios and flips are measured against the full-precision model: always evaluate it first.
             specs.insert(0, parse_variant("fp"))
         return specs
+
+    def variant_pairs(self, specs: list[VariantSpec]) -> list[tuple[str, str]]:
+        """The ``--pairs A=B`` entries as ``(A, B)`` name pairs, checked against the variants."""
+        names = [s.name for s in specs]
+        pairs = []
+        for text in ([self.pairs] if isinstance(self.pairs, str) else self.pairs):
+            a, sep, b = str(text).partition("=")
+            a, b = a.strip(), b.strip()
+            if not sep or a not in names or b not in names or a == b:
+                raise UserError(f"pair {text!r} must be A=B with two different variant names of this audit "
+                                f"(variants: {', '.join(names)}), e.g. --pairs aaq-w4a4kv4=ost-w4a4kv4")
+            pairs.append((a, b))
+        return pairs
 
     def validate(self) -> None:
         for name, value in (("max_new_tokens", self.max_new_tokens), ("batch_size", self.batch_size),

@@ -249,6 +249,31 @@ def _group(rows: Iterable[Row], key) -> dict[Any, list[Row]]:
     return out
 
 
+def paired_by_set(ref_rows: Sequence[Row], var_rows: Sequence[Row], judge: str | None = None, *,
+                  by_category: bool = False, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
+    """:func:`paired_compare` of ``var_rows`` against ``ref_rows`` per set (and per category when
+    asked) and pooled over every set by prompt label: ``{"sets": {...}, "overall": {"harmful":
+    ..., "benign": ...}}``."""
+    ref_sets = _group(ref_rows, lambda r: r.get("set"))
+    sets = {}
+    for s, srows in _group(var_rows, lambda r: r.get("set")).items():
+        block = paired_compare(ref_sets.get(s, []), srows, judge, n_boot=n_boot, seed=seed)
+        if by_category:
+            ref_cats = _group(ref_sets.get(s, []), lambda r: r.get("category"))
+            block["categories"] = {
+                c: paired_compare(ref_cats.get(c, []), crows, judge, n_boot=n_boot, seed=seed)
+                for c, crows in _group(srows, lambda r: r.get("category")).items()
+            }
+        sets[s] = block
+    overall = {}
+    for plabel in ("harmful", "benign"):
+        pv = [r for r in var_rows if r.get("label") == plabel]
+        if pv:
+            overall[plabel] = paired_compare([r for r in ref_rows if r.get("label") == plabel], pv, judge,
+                                             n_boot=n_boot, seed=seed)
+    return {"sets": sets, "overall": overall}
+
+
 def compare_variants(rows: Sequence[Row], *, reference: str | None = None, judges: Sequence[str] | None = None,
                      by_category: bool = True, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
     """Every variant against the reference (the first variant in ``rows`` unless named), per
@@ -275,28 +300,59 @@ def compare_variants(rows: Sequence[Row], *, reference: str | None = None, judge
     for v in variants:
         if v == reference:
             continue
-        vrows = by_variant[v]
-        per_judge = {}
-        for j in judges:
-            sets = {}
-            ref_sets = _group(ref_rows, lambda r: r.get("set"))
-            for s, srows in _group(vrows, lambda r: r.get("set")).items():
-                block = paired_compare(ref_sets.get(s, []), srows, j, n_boot=n_boot, seed=seed)
-                if by_category:
-                    ref_cats = _group(ref_sets.get(s, []), lambda r: r.get("category"))
-                    block["categories"] = {
-                        c: paired_compare(ref_cats.get(c, []), crows, j, n_boot=n_boot, seed=seed)
-                        for c, crows in _group(srows, lambda r: r.get("category")).items()
-                    }
-                sets[s] = block
-            overall = {}
-            for plabel in ("harmful", "benign"):
-                pv = [r for r in vrows if r.get("label") == plabel]
-                pr = [r for r in ref_rows if r.get("label") == plabel]
-                if pv:
-                    overall[plabel] = paired_compare(pr, pv, j, n_boot=n_boot, seed=seed)
-            per_judge[j] = {"sets": sets, "overall": overall}
-        out["comparisons"][v] = per_judge
+        out["comparisons"][v] = {j: paired_by_set(ref_rows, by_variant[v], j, by_category=by_category,
+                                                  n_boot=n_boot, seed=seed) for j in judges}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# head-to-head pairs of variants (e.g. AAQ against OST at the same scheme)
+
+#: Methods that are their own baseline or have none.
+_NO_BASELINE = {"fp", "rtn"}
+
+
+def _contrastive(v: Mapping[str, Any]) -> bool:
+    """An AAQ variant whose push term is on (``alpha=0`` is OST's objective)."""
+    try:
+        return v.get("method") == "aaq" and float((v.get("options") or {}).get("alpha", 1.0)) != 0.0
+    except (TypeError, ValueError):
+        return v.get("method") == "aaq"
+
+
+def default_pairs(variants: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """``(variant, baseline)`` name pairs: every calibration method against its counterpart at the
+    same scheme. AAQ is OST plus the contrastive term, so AAQ's counterpart is OST (or an AAQ with
+    ``alpha=0``), as AAQ.md compares them; every other method's is RTN.
+
+    ``variants`` are variant descriptions (``name``, ``method``, ``scheme``, ``options``) in run
+    order; the first matching counterpart is used, and a variant without one gets no pair.
+    """
+    pairs = []
+    for v in variants:
+        if v.get("method") in _NO_BASELINE:
+            continue
+        same_scheme = [w for w in variants if w is not v and w.get("scheme") == v.get("scheme")]
+        candidates = []
+        if _contrastive(v):
+            candidates += [w for w in same_scheme if w.get("method") in ("ost", "aaq") and not _contrastive(w)]
+        candidates += [w for w in same_scheme if w.get("method") == "rtn"]
+        if candidates:
+            pairs.append((str(v["name"]), str(candidates[0]["name"])))
+    return pairs
+
+
+def pairwise_block(rows: Sequence[Row], pairs: Sequence[tuple[str, str]], *, judge: str | None = None,
+                   origin: str = "user", n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> list[dict]:
+    """:func:`paired_compare` of variant ``a`` against variant ``b`` for every ``(a, b)`` pair, per
+    set and pooled by prompt label: the same statistics as each variant against FP, with ``b`` in
+    the reference's place (so ``refusal_diff`` is a - b and ``refusal_lost`` counts prompts that
+    ``b`` refused and ``a`` did not)."""
+    by_variant = _group(rows, lambda r: r.get("variant"))
+    out = []
+    for a, b in pairs:
+        block = paired_by_set(by_variant.get(b, []), by_variant.get(a, []), judge, n_boot=n_boot, seed=seed)
+        out.append({"a": a, "b": b, "origin": origin, "judge": judge, **block})
     return out
 
 

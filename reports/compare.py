@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ReportError
-from .fmt import fmt_pct, fmt_pts, fmt_ratio, fmt_time
+from .fmt import fmt_pts, fmt_ratio, fmt_time
+from .pairs import pair_rows
 from .render import ReportOptions, _change_class, environment, flips_section, page_script, TEMPLATE_NAME
-from .run import ROLE_DIRECTION, Run, _num, _one_line, perplexity_ratio, prompt_sets, role_rate, write_atomic
+from .run import Run, _num, _one_line, perplexity_ratio, prompt_sets, write_atomic
 from .verdicts import evaluate, fmt_p
 
 log = logging.getLogger(__name__)
@@ -49,19 +50,7 @@ def _pair_rows(pair: CrossPair, run_a: Run, run_b: Run, opts: ReportOptions) -> 
     roles = {s.name: s.role for s in prompt_sets(run_b)}
     va = next(v for v in run_a.variants if str(v["name"]) == pair.a)
     vb = next(v for v in run_b.variants if str(v["name"]) == pair.b)
-    rows = []
-    for key, st in pair.stats.items():
-        ra = _num(((st.get("reference") or {}).get("refusal") or {}).get("rate"))
-        rb = _num(((st.get("variant") or {}).get("refusal") or {}).get("rate"))
-        diff = _num(st.get("refusal_diff"))
-        ci = st.get("refusal_diff_ci95") or []
-        role = roles.get(key, key.split()[-1] if key.startswith("all ") else "other")
-        flips = st.get("flips") or {}
-        rows.append({"set": key, "role": role, "n": st.get("n_pairs", 0), "a": fmt_pct(ra), "b": fmt_pct(rb),
-                     "diff": fmt_pts(diff), "ci": f"[{fmt_pts(ci[0])}, {fmt_pts(ci[1])}]" if len(ci) == 2 else "—",
-                     "cls": _change_class(diff, ROLE_DIRECTION.get(role, 0), opts),
-                     "lost": flips.get("refusal_lost", 0), "gained": flips.get("refusal_gained", 0),
-                     "p": fmt_p(_num(st.get("mcnemar_p"))), "unmatched": st.get("n_unmatched", 0)})
+    rows = pair_rows(pair.stats, roles, lambda d, direction: _change_class(d, direction, opts))
     verdict_a = {v.variant: v for v in evaluate(run_a, opts.thresholds)}.get(pair.a)
     verdict_b = {v.variant: v for v in evaluate(run_b, opts.thresholds)}.get(pair.b)
     return {"a": pair.a, "b": pair.b, "rows": rows, "unmatched": pair.unmatched,

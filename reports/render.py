@@ -29,6 +29,7 @@ from . import figures
 from .errors import ReportError
 from .export import write_exports
 from .fmt import fmt_pct, fmt_ppl, fmt_pts, fmt_ratio, fmt_seconds, fmt_time, fmt_value, flatten
+from .pairs import build_pairs
 from .probe_section import build_probes
 from .run import (ROLE_DIRECTION, ROLE_HINTS, ROLE_ORDER, ROLE_TITLES, Run, SetInfo, _num, _one_line,
                   comparison, load_run, perplexity, perplexity_ratio, primary_judge, prompt_sets, role_interval,
@@ -642,6 +643,7 @@ SECTIONS: list[Section] = [
     Section("verdicts", "Verdicts", build_verdicts),
     Section("scatter", "Safety vs perplexity", build_scatter),
     Section("summary", "Summary by variant", build_summary_table),
+    Section("pairs", "Head to head", build_pairs),
     Section("categories", "By category", build_categories),
     Section("flips", "Flips", build_flips),
     Section("samples", "Sample responses", build_samples),

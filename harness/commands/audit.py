@@ -50,6 +50,9 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt", help="system prompt for every generation (default none)")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow model code from the model folder/hub (off by default: it runs arbitrary code)")
+    p.add_argument("--pairs", nargs="+", metavar="A=B",
+                   help="head-to-head paired statistics of variant A against variant B (e.g. aaq-w4a4kv4=ost-w4a4kv4); "
+                        "every calibration method is also paired with its alpha-0 (AAQ: OST) or RTN counterpart at the same scheme")
     p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip report.html")
     add_calibration_args(p)
 
@@ -63,7 +66,7 @@ def _audit_config(args: argparse.Namespace):
         "ppl_max_tokens", "out", "max_new_tokens", "batch_size", "device", "dtype", "seed", "judges", "data_dir",
         "first_token", "bootstrap", "probes", "probe_layers",
         "system_prompt", "trust_remote_code", "report", "calib_text", "calib_samples", "calib_len", "calib_batch",
-        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer", "probe_model")}
+        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer", "probe_model", "pairs")}
     config = config.with_overrides(overrides)
     if isinstance(config.base, str) and config.base.lower() == "none":
         config.base = None
@@ -93,7 +96,18 @@ def format_summary(summary: dict) -> str:
         lines.append([v["name"], *[f"{m['refusal'][name]:.1%}" for name in sets],
                       f"{m['perplexity']:.3f}", f"{m['perplexity_ratio']:.3f}"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines)
+    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines)
+    return "\n\n".join([table, *format_pairs(summary)])
+
+
+def format_pairs(summary: dict) -> list[str]:
+    """One terminal table per head-to-head pair (``summary["statistics"]["pairs"]``)."""
+    from reports.pairs import flat_pair_stats, format_pair_rows, pair_rows
+
+    roles = {name: s.get("role", name) for name, s in summary["prompt_sets"].items()}
+    return [f"{b['a']} against {b['b']} ({'asked for' if b.get('origin') == 'user' else 'default pair'}):\n"
+            + format_pair_rows(pair_rows(flat_pair_stats(b), roles, lambda d, direction: ""), b["a"], b["b"])
+            for b in (summary.get("statistics") or {}).get("pairs") or []]
 
 
 def register(sub) -> None:

@@ -34,7 +34,8 @@ def _pairs(args: argparse.Namespace, names_a: list[str], names_b: list[str]) -> 
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.stats import paired_compare
     from reports.compare import CrossPair, render_compare
-    from reports.run import load_run, primary_judge
+    from reports.pairs import format_pair_rows, pair_rows
+    from reports.run import load_run, primary_judge, prompt_sets
 
     if args.bootstrap < 100:
         raise UserError(f"--bootstrap must be at least 100, got {args.bootstrap}")
@@ -65,6 +66,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                                        n_boot=args.bootstrap, seed=args.seed)
         pairs.append(CrossPair(b, a, stats, rows_a, rows_b, mismatched))
     out = render_compare(run_a, run_b, pairs, Path(args.output) if args.output else None, judge=judge)
+    roles = {s.name: s.role for s in prompt_sets(run_b)}
+    for p in pairs:
+        print(f"{p.b} (B) against {p.a} (A), judge {judge or 'primary'}"
+              + (f"; {p.unmatched} of B's prompts unmatched in A" if p.unmatched else ""))
+        print(format_pair_rows(pair_rows(p.stats, roles, lambda d, direction: ""), "B", "A") + "\n")
     print(f"compare: {out}")
     return 0
 
