@@ -108,7 +108,8 @@ def first_token_refusal_prob(model, tokenizer, prompts: Sequence[str], batch_siz
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             # position ids from the mask, as generate() computes them for left-padded rows
             positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = model(**enc, position_ids=positions).logits[:, -1, :].float()
+            # only the last position's logits: a full-vocabulary row per prompt token is wasted work
+            logits = model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
             probs = torch.softmax(logits, dim=-1)
             out.extend(probs[:, ids.to(device)].sum(dim=-1).tolist())
     finally:
