@@ -22,11 +22,12 @@ import hashlib
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import UserError
+
+if TYPE_CHECKING:  # torch only where tokens are drawn: option parsing stays light
+    import torch
 
 __all__ = [
     "CalibrationSpec",
@@ -156,6 +157,8 @@ def load_calibration(spec: CalibrationSpec, tokenizer) -> CalibrationData:
         )
     rng = random.Random(spec.seed)
     starts = [rng.randrange(0, ids.numel() - spec.seq_len) for _ in range(spec.n_samples)]
+    import torch
+
     windows = torch.stack([ids[s: s + spec.seq_len] for s in starts])
     batches = list(windows.split(spec.batch_size))
     digest = hashlib.sha256()
@@ -173,3 +176,27 @@ def load_calibration_prompts(source: str = "calibration") -> list[dict[str, str]
     path = str(CALIBRATION_PROMPTS) if source == "calibration" else source
     pset = load_prompt_set(f"harmful={path}" if "=" not in path else path)
     return [{"id": r.id, "prompt": r.prompt, "label": r.label, "source": source} for r in pset.records]
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Calibration settings shared by `quantize` and `audit` (CLI ``--calib-*``).
+
+    ``text="auto"``: the toy pretraining text for bundled toy models, WikiText-2 train through
+    ``datasets`` otherwise. ``prompts``: labelled prompts for prompt-based methods (Q-realign,
+    ``--base ablated``), by default the built-in ``calibration`` set.
+    """
+
+    text: str = "auto"
+    samples: int = 32
+    length: int = 256
+    batch: int = 4
+    span: str = "0:1"
+    prompts: str = "calibration"
+    allow_overlap: bool = False
+
+    def spec(self, model_kind: str, seed: int) -> CalibrationSpec:
+        text = self.text
+        if text == "auto":
+            text = "toy-pretrain" if model_kind == "toy" else "dataset:Salesforce/wikitext:wikitext-2-raw-v1:train"
+        return CalibrationSpec(text, self.samples, self.length, self.batch, seed, parse_span(self.span))

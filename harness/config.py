@@ -11,10 +11,12 @@ from __future__ import annotations
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.errors import UserError
-from quantizers import QuantizerError, QuantScheme, build_quantizer
-from quantizers.artifact import is_variant_dir, read_variant_info
+
+if TYPE_CHECKING:  # the quantizers package imports torch: only when a variant is parsed
+    from quantizers import QuantScheme
 
 DEFAULT_VARIANTS = ("fp", "rtn:w8a8", "rtn:w4a16", "rtn:w4a4", "rtn:w4a4kv3", "rtn:w4a3")
 DEFAULT_SETS = ("harmful", "benign", "overrefusal")
@@ -63,6 +65,9 @@ def parse_options(items, where: str, example: str = "") -> dict:
 
 def parse_variant(text: str) -> VariantSpec:
     """Parse `[NAME=]METHOD[:SCHEME][:OPTION=VALUE,...]` into a validated VariantSpec."""
+    from quantizers import QuantizerError, QuantScheme, build_quantizer
+    from quantizers.artifact import is_variant_dir
+
     original = text.strip()
     name = None
     head = original.split(":", 1)[0]
@@ -92,6 +97,9 @@ def parse_variant(text: str) -> VariantSpec:
 
 def _saved_variant(name: str | None, folder: str) -> VariantSpec:
     """A VariantSpec for a folder written by `safequant quantize`."""
+    from quantizers import QuantizerError, QuantScheme
+    from quantizers.artifact import read_variant_info
+
     try:
         info = read_variant_info(folder)
         scheme = QuantScheme.parse(info["scheme"])
@@ -143,7 +151,7 @@ class AuditConfig:
 
     def calibration(self):
         """The calibration settings as :class:`harness.quantize.CalibrationOptions`."""
-        from harness.quantize import CalibrationOptions
+        from harness.calibration_data import CalibrationOptions
 
         return CalibrationOptions(self.calib_text, self.calib_samples, self.calib_len, self.calib_batch,
                                   self.calib_span, self.calib_prompts, self.allow_overlap)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.calibration_data import CalibrationSpec, load_calibration, load_calibration_prompts, parse_span
+from harness.calibration_data import CalibrationOptions, load_calibration, load_calibration_prompts
 from harness.errors import UserError
 from harness.models import LoadedModel, load_model, resolve_model
 from quantizers import QuantContext, QuantScheme, build_quantizer, get_quantizer
@@ -35,30 +35,6 @@ log = logging.getLogger(__name__)
 ABLATED = "ablated"
 #: Bundled models whose aligned ancestor is known: Q-realign fits its probes on the aligned model.
 ALIGNED_PARENTS = {"toy-chat-eroded": "toy-chat"}
-
-
-@dataclass(frozen=True)
-class CalibrationOptions:
-    """Calibration settings shared by `quantize` and `audit` (CLI ``--calib-*``).
-
-    ``text="auto"``: the toy pretraining text for bundled toy models, WikiText-2 train through
-    ``datasets`` otherwise. ``prompts``: labelled prompts for prompt-based methods (Q-realign,
-    ``--base ablated``), by default the built-in ``calibration`` set.
-    """
-
-    text: str = "auto"
-    samples: int = 32
-    length: int = 256
-    batch: int = 4
-    span: str = "0:1"
-    prompts: str = "calibration"
-    allow_overlap: bool = False
-
-    def spec(self, model_kind: str, seed: int) -> CalibrationSpec:
-        text = self.text
-        if text == "auto":
-            text = "toy-pretrain" if model_kind == "toy" else "dataset:Salesforce/wikitext:wikitext-2-raw-v1:train"
-        return CalibrationSpec(text, self.samples, self.length, self.batch, seed, parse_span(self.span))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from harness.errors import UserError
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
     """The ``--calib-*`` and ``--ablate-layer`` options, shared by `quantize` and `audit`."""
-    from harness.quantize import CalibrationOptions
+    from harness.calibration_data import CalibrationOptions
 
     d = CalibrationOptions()
     g = p.add_argument_group("calibration (methods that need data: gptq, smoothquant, quarot, ost, aaq, qrealign)")
@@ -46,7 +46,7 @@ def calibration_options(args: argparse.Namespace, base=None):
     """CalibrationOptions from parsed ``--calib-*`` flags over ``base`` (defaults when None)."""
     from dataclasses import replace
 
-    from harness.quantize import CalibrationOptions
+    from harness.calibration_data import CalibrationOptions
 
     calib = base or CalibrationOptions()
     given = {"text": args.calib_text, "samples": args.calib_samples, "length": args.calib_len, "batch": args.calib_batch,
