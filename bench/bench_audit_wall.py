@@ -29,7 +29,7 @@ def _run(tree: Path, out: Path, audit_args: list[str], threads: int) -> float:
     cmd = [sys.executable, "-c", "import sys; from harness.cli import main; sys.exit(main(sys.argv[1:]))",
            "audit", "--out", str(out), *audit_args]
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
