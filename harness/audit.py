@@ -91,6 +91,10 @@ class Audit:
         self.run_dir = Path(config.out)
         check_writable(self.run_dir)
         self.store = RunStore(self.run_dir)
+        # Set by run(): the probe suite (None when skipped, with the reason) and Q-realign's probe model.
+        self.probes: ProbeSuite | None = None
+        self.probe_skip_reason: str | None = None
+        self.probe_model: torch.nn.Module | None = None
 
     def _needs_base(self) -> bool:
         return any(getattr(get_quantizer(v.method), "needs_base_model", False) for v in self.variants if not v.artifact)
@@ -111,7 +115,6 @@ class Audit:
         if self.probes is None and self.config.probes:
             summary["probes"] = {"skipped": self.probe_skip_reason}
         all_rows: list[dict] = []
-        self.probe_model = None
         if any(getattr(get_quantizer(v.method), "uses_calibration_prompts", False) for v in self.variants if not v.artifact):
             self.probe_model = resolve_probe_model(self.config.probe_model, subject, device=self.config.device,
                                                    dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code)

@@ -1,4 +1,4 @@
-"""safequant probes: activation capture and linear probes of the safety representation (see issue on probes)."""
+"""safequant probes: activation capture and linear probes of the safety representation: where in the network harmful and benign requests are told apart."""
 
 from .capture import Activations, capture, parse_layers
 from .errors import ProbeError
