@@ -51,6 +51,12 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow model code from the model folder/hub (off by default: it runs arbitrary code)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip report.html")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="results cache shared by run directories, keyed by content, so e.g. the fp generations of "
+                        "one model are reused by the next audit (default $SAFEQUANT_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/safequant or ~/.cache/safequant)")
+    p.add_argument("--no-cache", dest="cache_dir", action="store_const", const="none",
+                   help="use no cache outside the run directory")
     add_calibration_args(p)
 
 
@@ -63,7 +69,7 @@ def _audit_config(args: argparse.Namespace):
         "ppl_max_tokens", "out", "max_new_tokens", "batch_size", "device", "dtype", "seed", "judges", "data_dir",
         "first_token", "bootstrap", "probes", "probe_layers",
         "system_prompt", "trust_remote_code", "report", "calib_text", "calib_samples", "calib_len", "calib_batch",
-        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer", "probe_model")}
+        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer", "probe_model", "cache_dir")}
     config = config.with_overrides(overrides)
     if isinstance(config.base, str) and config.base.lower() == "none":
         config.base = None
