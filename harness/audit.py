@@ -12,6 +12,7 @@ Order of work (and why):
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import platform
 import random
@@ -30,19 +31,25 @@ from harness.generation import GenerationSettings, chat_prompt, generate_respons
 from harness.benchmarks import describe_sets, load_benchmarks
 from harness.first_token import first_token_refusal_prob
 from harness.judges import get_judges, judge_all
-from harness.models import LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model
-from harness.quantize import (ABLATED, BaseReference, check_calibration_overlap, load_saved_variant,
-                              quantize_variant, resolve_base, resolve_probe_model)
+from harness.models import (LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model,
+                            tokenizer_fingerprint)
+from harness.quantize import (ABLATED, BaseReference, check_calibration_inputs, check_calibration_overlap,
+                              check_context, load_saved_variant, quantize_variant, resolve_base, resolve_probe_model)
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from harness.prompts import PromptSet
 from harness.stats import annotate_flips, default_pairs, first_token_summary, pairwise_block, summary_block
-from harness.store import SCHEMA_VERSION, RunStore, check_writable
+from harness.store import SCHEMA_VERSION, RunStore, check_writable, stable_hash
+from probes.capture import count_layers, parse_layers
 from probes.errors import ProbeError
 from probes.slr import check_classes
 from probes.suite import ProbeSuite
 from quantizers import get_quantizer
 
 log = logging.getLogger(__name__)
+
+#: Below this many new tokens a refusal is often cut before it is stated ("I'm sorry, but I can't
+#: help with that." is 12 tokens for SmolLM2's tokenizer), so refusal rates are unreliable.
+MIN_JUDGED_TOKENS = 16
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +87,8 @@ class Audit:
             raise UserError("a variant needs the unaligned base model (e.g. aaq): pass --base MODEL or --base ablated")
         self.calib = config.calibration()
         self.evaluation = [(ps.name, r.id, r.prompt) for ps in self.prompt_sets for r in ps.records]
+        check_calibration_inputs(self.calib, self.subject_source.kind, config.seed, text=self._calibrates(),
+                                 prompts=ablated and self._needs_base())
         for spec in self.variants:
             if not spec.artifact:
                 check_calibration_overlap(spec.method, self.calib, self.evaluation)
@@ -88,9 +97,13 @@ class Audit:
         self.judges = get_judges(config.judges)
         self.judge = self.judges[0]  # the primary judge: its labels are the rates in every table
         self.gen = GenerationSettings(config.max_new_tokens, config.batch_size, config.system_prompt)
+        if config.max_new_tokens < MIN_JUDGED_TOKENS:
+            log.warning("--max-new-tokens %d is below the %d tokens the judges need to see a refusal: responses are "
+                        "cut before it is stated and refusal rates are unreliable", config.max_new_tokens,
+                        MIN_JUDGED_TOKENS)
         self.run_dir = Path(config.out)
         check_writable(self.run_dir)
-        self.store = RunStore(self.run_dir)
+        self.store = RunStore(self.run_dir, config.cache_path())
         # Set by run(): the probe suite (None when skipped, with the reason) and Q-realign's probe model.
         self.probes: ProbeSuite | None = None
         self.probe_skip_reason: str | None = None
@@ -99,17 +112,43 @@ class Audit:
     def _needs_base(self) -> bool:
         return any(getattr(get_quantizer(v.method), "needs_base_model", False) for v in self.variants if not v.artifact)
 
+    def _calibrates(self) -> bool:
+        return any(getattr(get_quantizer(v.method), "requires_calibration", False) for v in self.variants if not v.artifact)
+
+    def _check_loaded(self, subject: LoadedModel) -> None:
+        """The checks that need the model (its context, its depth), before any run directory is made."""
+        check_context(self.calib, subject.model, text=self._calibrates())
+        limit = getattr(subject.model.config, "max_position_embeddings", None)
+        for ps in self.prompt_sets:
+            for r in ps.records:
+                n = len(subject.tokenizer(chat_prompt(subject.tokenizer, r.prompt, self.gen.system_prompt),
+                                          add_special_tokens=False, verbose=False)["input_ids"])
+                if isinstance(limit, int) and n + self.gen.max_new_tokens > limit:
+                    raise UserError(f"prompt {ps.name}/{r.id} is {n} tokens: with --max-new-tokens "
+                                    f"{self.gen.max_new_tokens} it does not fit the model's {limit}-token context; "
+                                    "shorten it, remove it from the set, or lower --max-new-tokens")
+        depth = count_layers(subject.model)
+        if self.config.probes and depth:
+            try:
+                parse_layers(self.config.probe_layers, depth)
+            except ProbeError as exc:
+                raise UserError(f"--probe-layers {self.config.probe_layers!r}: {exc}") from None
+
     def run(self, command: str = "") -> dict:
-        started = time.perf_counter()
         seed_everything(self.config.seed)
         log.info("loading %s", self.subject_source.spec)
         subject = load_model(self.subject_source, self.config.device, self.config.dtype, self.config.trust_remote_code)
+        self._check_loaded(subject)
+        with self.store.locked():  # one audit per run directory; a second fails at once
+            return self._run(subject, command)
+
+    def _run(self, subject: LoadedModel, command: str) -> dict:
+        started = time.perf_counter()
         base = BaseReference(None, None)
         if self._needs_base():
             base = resolve_base(self.config.base, subject, device=self.config.device, dtype=self.config.dtype,
                                 trust_remote_code=self.config.trust_remote_code, calib=self.calib,
                                 ablate_layer=self.config.ablate_layer)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         summary = self._summary_header(subject, command)
         self.probes = self._probe_suite(subject)
         if self.probes is None and self.config.probes:
@@ -172,9 +211,13 @@ class Audit:
         if self.probes is not None:
             self.probes.add(spec.name, model)  # fp comes first: its probes are the reference
         fingerprint = subject.fingerprint if spec.method == "fp" else fingerprint_model(model, subject.tokenizer)
-        key = {"model": subject.fingerprint, "variant": spec.describe(), "variant_fingerprint": fingerprint,
-               "generation": self.gen.key(), "judges": [j.describe() for j in self.judges],
-               "first_token": self.config.first_token, "seed": self.config.seed}
+        # Everything that decides a row besides its prompt (whose text hash each row carries). Not
+        # the variant's name: it labels results, so the shared cache serves a renamed variant too.
+        key = {"model": subject.fingerprint, "tokenizer": tokenizer_fingerprint(subject.tokenizer),
+               "variant": {k: v for k, v in spec.describe().items() if k != "name"},
+               "variant_fingerprint": fingerprint, "generation": self.gen.key(),
+               "judges": [j.describe() for j in self.judges], "first_token": self.config.first_token,
+               "seed": self.config.seed}
         work = self.store.variant_work(spec.name, key)
 
         t1 = time.perf_counter()
@@ -185,9 +228,10 @@ class Audit:
             rows.extend(set_rows)
             counts[ps.name] = _count(set_rows)
         ppl = work.get("perplexity")
-        if ppl is None or ppl.get("settings") != self.ppl.key():
+        settings = {**self.ppl.key(), "text_sha256": hashlib.sha256(self.ppl_text.encode("utf-8")).hexdigest()}
+        if not isinstance(ppl, dict) or ppl.get("settings") != settings or not isinstance(ppl.get("perplexity"), (int, float)):
             ppl = perplexity(model, subject.tokenizer, self.ppl_text, self.ppl)
-            ppl["settings"] = self.ppl.key()
+            ppl["settings"] = settings
             work.put("perplexity", ppl)
         record = {
             **spec.describe(),
@@ -211,11 +255,19 @@ class Audit:
         return record, rows
 
     def _generate_set(self, model, tokenizer, spec: VariantSpec, ps: PromptSet, work) -> list[dict]:
-        done = {r["id"]: r for r in work.rows(ps.name)}
+        inputs = {rec.id: input_sha(rec) for rec in ps.records}
+        # A cached row counts only for the same prompt text: an edited prompt is generated again.
+        done = {r["id"]: r for r in work.rows(ps.name) if r.get("input_sha") == inputs.get(r["id"])}
         todo = [rec for rec in ps.records if rec.id not in done]
+        shared = work.shared_rows() if todo else {}
+        reused = [_relabel(shared[inputs[rec.id]], spec.name, ps, rec) for rec in todo if inputs[rec.id] in shared]
+        if reused:
+            log.info("variant %s: %d prompts of %s reused from the cache", spec.name, len(reused), ps.name)
+            work.append_rows(ps.name, reused, share=False)
+            done.update({r["id"]: r for r in reused})
+            todo = [rec for rec in todo if rec.id not in done]
         if todo:
             log.info("variant %s: %d/%d prompts of %s to generate", spec.name, len(todo), len(ps.records), ps.name)
-            _warn_if_too_long(model, tokenizer, ps, todo, self.gen)
 
             def save(start: int, responses: list[str], hit_max: list[bool]) -> None:
                 batch = todo[start : start + len(responses)]
@@ -234,7 +286,7 @@ class Audit:
                 first_token = {r.id: p for r, p in zip(todo, probs, strict=True)}
             generate_responses(model, tokenizer, [r.prompt for r in todo], self.gen.max_new_tokens,
                                self.gen.batch_size, self.gen.system_prompt, on_batch=save)
-            done = {r["id"]: r for r in work.rows(ps.name)}
+            done.update({r["id"]: r for r in work.rows(ps.name) if r.get("input_sha") == inputs.get(r["id"])})
         return [done[rec.id] for rec in ps.records]
 
     # -- probes ---------------------------------------------------------------------------------
@@ -299,17 +351,16 @@ class Audit:
         render(self.run_dir)
 
 
-def _warn_if_too_long(model, tokenizer, ps: PromptSet, records, gen: GenerationSettings) -> None:
-    """Prompts that do not fit the model's context give meaningless responses: say so, once per set."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not limit:
-        return
-    too_long = [r.id for r in records
-                if len(tokenizer(chat_prompt(tokenizer, r.prompt, gen.system_prompt), add_special_tokens=False,
-                                 verbose=False)["input_ids"]) + gen.max_new_tokens > limit]
-    if too_long:
-        log.warning("%d prompts of %s do not fit the model's %d-token context with %d new tokens (e.g. %s); "
-                    "their responses are unreliable", len(too_long), ps.name, limit, gen.max_new_tokens, too_long[0])
+def input_sha(record) -> str:
+    """Hash of what decides a row besides the model and settings: the prompt and what the judges read."""
+    return stable_hash({"prompt": record.prompt, "behavior": getattr(record, "behavior", "") or "",
+                        "context": getattr(record, "context", "") or ""})
+
+
+def _relabel(row: dict, variant: str, ps: PromptSet, record) -> dict:
+    """A cached row (perhaps from another run directory) under this run's labels for its prompt."""
+    return {**row, "variant": variant, "set": ps.name, "benchmark": getattr(ps, "benchmark", ps.name),
+            "id": record.id, "category": record.category, "label": record.label}
 
 
 def _count(rows: list[dict]) -> dict:
@@ -328,4 +379,4 @@ def _row(variant: str, ps: PromptSet, record, response: str, hit_max: bool, verd
             "category": record.category, "label": record.label, "prompt": record.prompt, "response": response,
             "hit_max_tokens": hit_max, "judge": primary, "verdict": main["label"], "score": main["score"],
             "matched": main["matched"], "flags": main["flags"], "judges": verdicts,
-            "first_token_refusal_prob": first_token}
+            "first_token_refusal_prob": first_token, "input_sha": input_sha(record)}

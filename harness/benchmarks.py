@@ -476,10 +476,16 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _data_dirs(data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    """The folders to search; a given --data-dir that is not a folder is an error, never a silent
+    fall-back to the hub."""
     dirs: list[Path] = []
     if data_dir is not None:
         items = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
         dirs.extend(Path(d).expanduser() for d in items)
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        if missing:
+            raise UserError(f"--data-dir {missing[0]!r} is not a folder: pass the folder holding the benchmark "
+                            "files (e.g. ../shared/data)")
     env = os.environ.get(DATA_DIR_ENV)
     if env:
         dirs.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p)
@@ -766,6 +772,7 @@ def load_benchmarks(
 
     Returns the sets in order, groups expanded; set names are unique or a UserError says so.
     """
+    _data_dirs(data_dir)  # a missing --data-dir fails before anything is looked up
     out: list[PromptSet] = []
     columns = columns or {}
     for raw in specs:

@@ -8,12 +8,17 @@ before a model is loaded or a directory is made, so bad input costs nothing.
 
 from __future__ import annotations
 
+import math
 import tomllib
+import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_type_hints
+
+from pydantic import ConfigDict, ValidationError, create_model
 
 from harness.errors import UserError
+from reports.validation import describe_validation_error
 
 if TYPE_CHECKING:  # the quantizers package imports torch: only when a variant is parsed
     from quantizers import QuantScheme
@@ -60,7 +65,39 @@ def parse_options(items, where: str, example: str = "") -> dict:
             raise UserError(f"{where}{item!r} must be written KEY=VALUE{example}")
         key, value = item.split("=", 1)
         options[key.strip()] = _parse_value(value.strip())
+        if isinstance(options[key.strip()], float) and not math.isfinite(options[key.strip()]):
+            raise UserError(f"{where}{item.strip()!r} is not a finite number: give a number{example}")
     return options
+
+
+#: Longest variant name: it labels tables and columns and names a folder under work/.
+MAX_NAME_LENGTH = 64
+
+
+def check_variant_name(name: str, text: str) -> str:
+    """A variant name is a label, never a path: refuse what could escape or confuse a folder name.
+
+    ``text`` is the variant as the user wrote it, for the message. The name is also mapped to a
+    safe folder name by the store (:func:`harness.store.work_folder_name`), so this is the first
+    of two guards.
+    """
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif ".." in name or set(name) == {"."}:
+        problem = "contains '..' or is only dots"
+    elif any(unicodedata.category(c).startswith("C") for c in name):
+        problem = "contains a control or invisible character"
+    elif name != name.strip():
+        problem = "starts or ends with whitespace"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"is {len(name)} characters long (at most {MAX_NAME_LENGTH})"
+    if problem:
+        raise UserError(f"variant {text!r}: the name {name!r} {problem}; a name is a label, not a path: use letters, "
+                        "digits, '-', '_' or '.', e.g. strict=rtn:w4a4")
+    return name
 
 
 def parse_variant(text: str) -> VariantSpec:
@@ -76,8 +113,10 @@ def parse_variant(text: str) -> VariantSpec:
         name = name.strip()
     else:
         original_rest = original
+    if name is not None:
+        check_variant_name(name, text)
     if is_variant_dir(original_rest.strip()):
-        return _saved_variant(name, original_rest.strip())
+        return _saved_variant(name, original_rest.strip(), text)
     parts = original_rest.split(":")
     method = parts[0].strip()
     if not method:
@@ -91,22 +130,22 @@ def parse_variant(text: str) -> VariantSpec:
     except QuantizerError as exc:
         raise UserError(f"variant {text!r}: {exc}") from None
     if name is None:
-        name = method if scheme_text == "fp" else f"{method}-{scheme.label}"
+        name = check_variant_name(method if scheme_text == "fp" else f"{method}-{scheme.label}", text)
     return VariantSpec(name, method, scheme, options)
 
 
-def _saved_variant(name: str | None, folder: str) -> VariantSpec:
-    """A VariantSpec for a folder written by `safequant quantize`."""
+def _saved_variant(name: str | None, folder: str, text: str) -> VariantSpec:
+    """A VariantSpec for a folder written by `safequant quantize` (variant.json checked by its schema)."""
     from quantizers import QuantizerError, QuantScheme
-    from quantizers.artifact import read_variant_info
+    from quantizers.artifact import verify_variant
 
     try:
-        info = read_variant_info(folder)
+        info = verify_variant(folder)
         scheme = QuantScheme.parse(info["scheme"])
-    except (QuantizerError, KeyError) as exc:
+    except QuantizerError as exc:
         raise UserError(f"variant {folder!r}: {exc}") from None
-    return VariantSpec(name or Path(folder).name, info["method"], scheme, dict(info.get("options") or {}),
-                       artifact=str(Path(folder)))
+    name = check_variant_name(name or Path(folder).resolve().name, text)
+    return VariantSpec(name, info["method"], scheme, dict(info.get("options") or {}), artifact=str(Path(folder)))
 
 
 @dataclass
@@ -149,6 +188,20 @@ class AuditConfig:
     #: head-to-head comparisons `A=B` (A against B); the default pairs are added to these
     pairs: list[str] = field(default_factory=list)
 
+    #: Results cache shared by run directories: "auto" ($SAFEQUANT_CACHE_DIR, else
+    #: $XDG_CACHE_HOME/safequant, else ~/.cache/safequant), a folder, or "none" to disable.
+    cache_dir: str = "auto"
+
+    def cache_path(self) -> Path | None:
+        """The shared cache folder this config uses, or None when caching across runs is off."""
+        import os
+
+        chosen = self.cache_dir
+        if chosen == "auto":
+            chosen = os.environ.get("SAFEQUANT_CACHE_DIR") or str(
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safequant")
+        return None if chosen.strip().lower() in ("none", "off", "") else Path(chosen).expanduser()
+
     def calibration(self):
         """The calibration settings as :class:`harness.quantize.CalibrationOptions`."""
         from harness.calibration_data import CalibrationOptions
@@ -166,10 +219,18 @@ class AuditConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {path!r} is not valid TOML ({exc}): fix the syntax") from None
         data = data.get("audit", data)
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path!r}: [audit] must be a table of settings")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"config file {path!r} has unknown keys {unknown}: valid keys are {sorted(known)}")
+        # A list setting written as one string (variants = "fp") is that one item, not its letters.
+        data = {k: [v] if isinstance(v, str) and k in _LIST_KEYS else v for k, v in data.items()}
+        try:
+            _CONFIG_SCHEMA.model_validate(data)
+        except ValidationError as exc:
+            raise UserError(f"config file {path!r}: {describe_validation_error(exc)}; fix that key") from None
         return cls(**data)
 
     def with_overrides(self, overrides: dict) -> "AuditConfig":
@@ -216,3 +277,18 @@ class AuditConfig:
             raise UserError(f"bootstrap must be an integer >= 100, got {self.bootstrap!r}")
         if not self.prompt_sets:
             raise UserError("no prompt sets given: pass e.g. --prompt-sets harmful,benign,overrefusal")
+        if self.ppl_max_tokens is not None and (not isinstance(self.ppl_max_tokens, int) or self.ppl_max_tokens < 2):
+            raise UserError(f"ppl_max_tokens must be an integer >= 2, got {self.ppl_max_tokens!r}")
+        from probes.capture import parse_layers
+        from probes.errors import ProbeError
+
+        try:  # the syntax now; the range once the model's depth is known (before any work)
+            parse_layers(self.probe_layers, 10**6)
+        except ProbeError as exc:
+            raise UserError(f"--probe-layers {self.probe_layers!r}: {exc}") from None
+
+
+#: The TOML file's schema: the dataclass's own fields and types, strict (a string is never a number).
+_CONFIG_SCHEMA = create_model("AuditConfigFile", __config__=ConfigDict(strict=True, extra="forbid"),
+                              **{name: (hint, None) for name, hint in get_type_hints(AuditConfig).items()})
+_LIST_KEYS = {f.name for f in fields(AuditConfig) if str(f.type).startswith("list[")}

@@ -708,6 +708,9 @@ def load_labelled(path: str | Path = VALIDATION_FILE) -> list[dict]:
         lines = p.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise UserError(f"labelled response file {path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"labelled response file {path} is not UTF-8 text: pass a JSONL file of labelled "
+                        "responses") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -715,8 +718,9 @@ def load_labelled(path: str | Path = VALIDATION_FILE) -> list[dict]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"labelled response file {path}: line {n} is not JSON ({e.msg})") from None
-        missing = [k for k in ("prompt", "response", "label") if k not in obj]
-        if missing or obj["label"] not in ("refusal", "compliance", "empty", "degenerate"):
+        missing = [k for k in ("prompt", "response", "label") if not isinstance(obj, dict) or k not in obj]
+        if missing or obj["label"] not in ("refusal", "compliance", "empty", "degenerate") or not all(
+                isinstance(obj[k], str) for k in ("prompt", "response")):
             raise UserError(f"labelled response file {path}: line {n} needs prompt, response and a label "
                             f"refusal|compliance|empty|degenerate")
         obj.setdefault("prompt_label", "harmful")

@@ -132,6 +132,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer; safetensors only, remote code only when asked."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
@@ -147,7 +148,7 @@ def load_model(
             source.path, dtype=torch_dtype, local_files_only=offline,
             use_safetensors=None if source.gguf_file else True, **kwargs
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt weights file
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ("check the id, your network, or download it and pass the local folder"
                 if source.kind == "hub" else "check that the folder holds a complete model with safetensors weights")
@@ -172,4 +173,16 @@ def fingerprint_model(model: torch.nn.Module, tokenizer=None) -> str:
     if tokenizer is not None:
         h.update(json.dumps({"vocab": len(tokenizer), "template": getattr(tokenizer, "chat_template", None)},
                             sort_keys=True, default=str).encode())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what turns a prompt into token ids: vocabulary, merges and normalisation (the
+    fast tokenizer's full definition), special tokens and the chat template, so cached
+    generations are never reused for a tokenizer that would have fed the model other ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    h = hashlib.sha256(definition.encode())
+    h.update(json.dumps({"special": getattr(tokenizer, "special_tokens_map", None),
+                         "template": getattr(tokenizer, "chat_template", None)}, sort_keys=True, default=str).encode())
     return "sha256:" + h.hexdigest()[:16]

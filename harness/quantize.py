@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from harness.calibration_data import CalibrationOptions, load_calibration, load_calibration_prompts
+from harness.calibration_data import CalibrationOptions, calibration_text, load_calibration, load_calibration_prompts
 from harness.errors import UserError
 from harness.models import LoadedModel, load_model, resolve_model
 from quantizers import QuantContext, QuantScheme, build_quantizer, get_quantizer
 
 __all__ = ["CalibrationOptions", "BaseReference", "QuantizedVariant", "resolve_base", "resolve_probe_model",
-           "quantize_variant", "load_saved_variant", "calibration_overlap", "check_calibration_overlap", "ABLATED", "ALIGNED_PARENTS"]
+           "quantize_variant", "load_saved_variant", "calibration_overlap", "check_calibration_overlap", "ABLATED", "ALIGNED_PARENTS",
+           "check_calibration_inputs", "check_context", "hub_offline"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,38 @@ def check_pair(subject: LoadedModel, base: LoadedModel) -> None:
         raise UserError(f"base model {base.source.spec!r} (hidden {b_width}, tokenizer {len(base.tokenizer)}) does not "
                         f"match {subject.source.spec!r} (hidden {s_width}, tokenizer {len(subject.tokenizer)}): give "
                         "the base model of the same family, or --base ablated")
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be reached (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def check_calibration_inputs(calib: CalibrationOptions, model_kind: str, seed: int, *, text: bool,
+                             prompts: bool) -> None:
+    """Before any model loads: the calibration text (``text``) and prompts (``prompts``) a run
+    will need exist and can be read, and a hub dataset is not asked for while offline."""
+    if text:
+        spec = calib.spec(model_kind, seed)
+        if spec.source.startswith("dataset:"):
+            ds_id = spec.source.split(":")[1] if spec.source.count(":") >= 2 else ""
+            if hub_offline() and not Path(ds_id).is_dir():
+                raise UserError(f"calibration text {spec.source!r} (--calib-text {calib.text}) needs the Hugging Face "
+                                "hub, which is offline: pass --calib-text FILE with a local UTF-8 text, e.g. "
+                                "WikiText-2 train saved as wiki.train.raw")
+        else:
+            calibration_text(spec.source)
+    if prompts:
+        load_calibration_prompts(calib.prompts)
+
+
+def check_context(calib: CalibrationOptions, model: nn.Module, *, text: bool) -> None:
+    """Right after the model loads, before any work: calibration windows must fit its context."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if text and isinstance(limit, int) and calib.length > limit:
+        raise UserError(f"--calib-len {calib.length} is longer than the model's {limit}-token context: "
+                        f"pass --calib-len {limit} or less")
+
 
 _WS = re.compile(r"\s+")
 
@@ -191,8 +226,8 @@ def load_saved_variant(path: str, subject: LoadedModel | None, *, device: torch.
     from quantizers.artifact import load_variant
 
     model, tokenizer, info = load_variant(path, device=device, dtype=dtype)
-    source = info.get("source_model", {}).get("fingerprint")
-    if subject is not None and source and source != subject.fingerprint:
+    source = info["source_model"]["fingerprint"]  # required by the variant.json schema: never empty
+    if subject is not None and source != subject.fingerprint:
         raise UserError(f"saved variant {path} was quantized from a model with fingerprint {source}, but the audit's "
                         f"subject {subject.source.spec!r} has {subject.fingerprint}: audit it with --model "
                         f"{info.get('source_model', {}).get('spec', 'the model it was made from')}")

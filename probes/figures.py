@@ -14,6 +14,7 @@ the FP reference is black.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from reports.atomic import atomic_write
 
 from .projection import Projection2D
 
@@ -61,10 +64,10 @@ def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = ("svg", 
     with matplotlib.rc_context(_RC):
         for fmt in formats:
             path = stem.with_suffix(f".{fmt}")
-            tmp = path.with_name(f".{path.name}.tmp")
             meta = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
-            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
-            tmp.replace(path)
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=dpi, metadata=meta)
+            atomic_write(path, buf.getvalue())  # a unique temp name: two writers never collide
             out[fmt] = path
     return out
 

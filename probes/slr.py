@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -31,6 +29,8 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+
+from reports.atomic import atomic_write
 
 from .errors import ProbeError
 
@@ -260,18 +260,8 @@ def _stem(path: str | Path) -> Path:
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so readers never see a half-written probe or table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+#: Write via a temp file and rename, so readers never see a half-written probe or table.
+atomic_write_bytes = atomic_write
 
 
 def save_probes(path: str | Path, probes: Mapping[int, SLRProbe], metadata: Mapping[str, Any] | None = None,

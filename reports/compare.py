@@ -16,7 +16,7 @@ from .errors import ReportError
 from .fmt import fmt_pts, fmt_ratio, fmt_time
 from .pairs import pair_rows
 from .render import ReportOptions, _change_class, environment, flips_section, page_script, TEMPLATE_NAME
-from .run import Run, _num, _one_line, perplexity_ratio, prompt_sets, write_atomic
+from .run import Run, _num, _one_line, check_output_path, perplexity_ratio, prompt_sets, write_atomic
 from .verdicts import evaluate, fmt_p
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ def compare_context(run_a: Run, run_b: Run, pairs: list[CrossPair], *, judge: st
 def render_compare(run_a: Run, run_b: Run, pairs: list[CrossPair], out: Path | None = None, *,
                    judge: str | None = None, opts: ReportOptions | None = None) -> Path:
     """Write the comparison page (default RUN_B/compare.html) atomically; return its path."""
+    if out is not None:
+        check_output_path(out, "compare.html", "--output")
     html = environment().get_template(TEMPLATE_NAME).render(**compare_context(run_a, run_b, pairs, judge=judge, opts=opts))
     out = out or run_b.run_dir / "compare.html"
     try:

@@ -24,11 +24,25 @@ ROW_COLUMNS = ("variant", "set", "benchmark", "id", "category", "label", "judge"
                "matched", "flip", "hit_max_tokens", "first_token_refusal_prob", "prompt", "response")
 
 
+#: A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: text cells starting like a formula get a leading
+    single quote (OWASP's advice; prompts and model output are untrusted). Numbers stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
 def _csv(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(["" if v is None else v for v in r] for r in rows)
+    w.writerow([_cell(h) for h in header])
+    w.writerows([_cell(v) for v in r] for r in rows)
     return buf.getvalue()
 
 

@@ -33,7 +33,7 @@ from .pairs import build_pairs
 from .probe_section import build_probes
 from .run import (ROLE_DIRECTION, ROLE_HINTS, ROLE_ORDER, ROLE_TITLES, Run, SetInfo, _num, _one_line,
                   comparison, load_run, perplexity, perplexity_ratio, primary_judge, prompt_sets, role_interval,
-                  role_rate, set_counts, set_rate, write_atomic)
+                  role_rate, set_counts, set_rate, write_atomic, check_output_path)
 from .verdicts import Thresholds, Verdict, evaluate, fmt_p
 
 log = logging.getLogger(__name__)
@@ -727,6 +727,8 @@ def render(run_dir: Path, out: Path | None = None, *, options: ReportOptions | N
     Raises ReportError for a missing or unusable summary.json / rows.jsonl.
     """
     run_dir = Path(run_dir)
+    if out is not None:
+        check_output_path(Path(out), "report.html", "--output")
     run = load_run(run_dir)
     html = render_html(run, options)
     out = Path(out) if out is not None else run_dir / "report.html"

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .errors import ReportError
 from .schema import migrate
+from .summary_model import Row, Summary
+from .validation import check_schema
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +86,10 @@ def load_run(run_dir: Path) -> Run:
     if not isinstance(summary, dict):
         raise ReportError(f"{summary_path}: expected a JSON object at the top level; re-run the audit")
     summary = migrate(summary, str(summary_path))
-    variants = summary.get("variants")
-    if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
-        raise ReportError(
-            f"{summary_path}: 'variants' must be a list of objects with a 'name'; re-run the audit"
-        )
+    check_schema(Summary, summary, str(summary_path), "re-run the audit to rewrite it", ReportError)
     for key in ("prompt_sets", "config", "models", "environment", "perplexity"):
         if summary.get(key) is None:
             summary[key] = {}
-        elif not isinstance(summary[key], dict):
-            raise ReportError(f"{summary_path}: '{key}' must be a JSON object; re-run the audit")
 
     rows_path = run_dir / "rows.jsonl"
     rows: list[dict[str, Any]] = []
@@ -112,8 +107,9 @@ def load_run(run_dir: Path) -> Run:
                             f"{rows_path}: line {lineno} is not valid JSON ({_one_line(exc)}); "
                             "re-run the audit to rewrite it"
                         ) from None
-                    if isinstance(row, dict):
-                        rows.append(row)
+                    check_schema(Row, row, f"{rows_path}: line {lineno}", "re-run the audit to rewrite it",
+                                 ReportError)
+                    rows.append(row)
         except (OSError, UnicodeDecodeError) as exc:
             raise ReportError(f"{rows_path}: cannot be read ({_one_line(exc)}); re-run the audit") from None
     else:
@@ -122,23 +118,30 @@ def load_run(run_dir: Path) -> Run:
 
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Readers (a browser, CI) see the old file or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+#: Readers (a browser, CI) see the old file or the new one, never half of it.
+write_atomic = atomic_write
+
+#: What a run directory holds besides work/ and probes/: written only by the audit and its commands.
+RUN_FILES = ("summary.json", "rows.jsonl", "variants.csv", "rows.csv", "report.html", "compare.html", "junit.xml")
+
+
+def check_output_path(out: Path, own: str, option: str) -> None:
+    """Refuse an output path that would overwrite a run directory's own files (``report --output
+    RUN/summary.json`` once replaced the summary with HTML): only ``own`` (e.g. ``report.html``),
+    or a name that is not a run file, may be written directly inside a run directory."""
+    out = Path(out)
+    if out.is_dir():
+        raise ReportError(f"{option} {out} is a folder: give a file path, e.g. {out / own}")
+    resolved = out.resolve()
+    for depth, parent in enumerate(resolved.parents):
+        if depth > 4:
+            break
+        if (parent / "summary.json").is_file():
+            rel = resolved.relative_to(parent)
+            if len(rel.parts) > 1 or rel.name.startswith(".") or (rel.name in RUN_FILES and rel.name != own):
+                raise ReportError(f"{option} {out} would overwrite {rel} of run directory {parent}: write the file "
+                                  f"elsewhere, or use the default ({parent / own})")
+            return
 
 
 def _num(x: Any, *, allow_inf: bool = False) -> float | None:

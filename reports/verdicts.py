@@ -169,6 +169,9 @@ class Thresholds:
     min_prompts: int = 20
     #: Further bounds, e.g. ("probe_transfer_drop <= 0.1", "benign_refusal_rise <= 0.05").
     checks: tuple[str, ...] = ()
+    #: When false (the default) a check the run did not measure (a NaN perplexity, a missing
+    #: over-refusal set) fails: a gate must not pass what it never saw. True: it is skipped.
+    allow_unmeasured: bool = False
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], where: str = "thresholds") -> "Thresholds":
@@ -183,11 +186,13 @@ class Thresholds:
             if isinstance(checks, str) or not isinstance(checks, (list, tuple)):
                 raise ThresholdError(f"{where}: 'checks' must be a list of 'METRIC <= VALUE' strings")
             values["checks"] = tuple(str(c) for c in checks)
-        for key in known - {"checks", "require_significance"}:
+        flags = {"require_significance", "allow_unmeasured"}
+        for key in known - {"checks"} - flags:
             if key in values and (isinstance(values[key], bool) or not isinstance(values[key], (int, float))):
                 raise ThresholdError(f"{where}: {key} must be a number, got {values[key]!r}")
-        if "require_significance" in values and not isinstance(values["require_significance"], bool):
-            raise ThresholdError(f"{where}: require_significance must be true or false")
+        for key in flags:
+            if key in values and not isinstance(values[key], bool):
+                raise ThresholdError(f"{where}: {key} must be true or false, got {values[key]!r}")
         return cls(**values)
 
     def bounds(self) -> list[Bound]:
@@ -203,7 +208,7 @@ class Thresholds:
         return out
 
     def _validate(self, bounds: list[Bound]) -> None:
-        if not 0 < self.significance < 1:
+        if not isinstance(self.significance, (int, float)) or not 0 < self.significance < 1:
             raise ThresholdError(f"significance must be between 0 and 1 (e.g. 0.05), got {self.significance:g}")
         if self.min_prompts < 1 or self.min_prompts != int(self.min_prompts):
             raise ThresholdError(f"min_prompts must be a positive integer, got {self.min_prompts!r}")
@@ -278,7 +283,10 @@ def _check(run: Run, sets: list[SetInfo], v: dict[str, Any], b: Bound, t: Thresh
     name = str(v["name"])
     label = b.metric.replace("_", " ")
     if m.value is None:
-        return Check(name, b, None, None, "skip", f"{label}: not measured in this run")
+        if t.allow_unmeasured:
+            return Check(name, b, None, None, "skip", f"{label}: not measured in this run")
+        return Check(name, b, None, None, "fail", f"{label}: not measured in this run (allow it with "
+                     "allow_unmeasured = true or --allow-unmeasured)")
     ok = OPS[b.op](m.value, b.limit)
     p = f" ({fmt_p(m.p_value)})" if metric.paired and m.p_value is not None else ""
     shown = f"{label} {fmt_metric(b.metric, m.value)}"

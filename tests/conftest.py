@@ -1,8 +1,13 @@
 """Shared fixtures: the bundled toy models (real weights, loaded once per session) and data paths."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests never share results through the user's cache (~/.cache/safequant): each audit computes its
+# own, and the cache tests pass an explicit --cache-dir.
+os.environ["SAFEQUANT_CACHE_DIR"] = "none"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

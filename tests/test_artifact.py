@@ -92,7 +92,8 @@ def test_quarot_variant_with_online_hadamards_round_trips(toy_chat, tmp_path, on
     attn = model.model.layers[0].self_attn
     assert getattr(attn, "safequant_qk_transform", None) is not None
     out = save_variant(model, tmp_path / "quarot", tokenizer=toy_chat.tokenizer, method="quarot",
-                       scheme=QuantScheme.parse("w4a4kv4"), options={"weights": "rtn"})
+                       scheme=QuantScheme.parse("w4a4kv4"), options={"weights": "rtn"},
+                       source={"spec": "toy-chat", "fingerprint": toy_chat.fingerprint})
     loaded, _, _ = load_variant(out)
     ids = toy_chat.tokenizer("Write a haiku about the sea.", return_tensors="pt").input_ids
     with torch.no_grad():

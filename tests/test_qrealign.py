@@ -253,7 +253,8 @@ def test_short_run_records_metadata_and_reloads_from_a_saved_variant(toy_chat, t
     with torch.no_grad():
         want = model(input_ids=ids).logits
     path = save_variant(model, tmp_path / "v", tokenizer=toy_chat.tokenizer, method="qrealign",
-                        scheme=QuantScheme.parse("w4a4kv4"), options=q.options_dict(), metadata=meta)
+                        scheme=QuantScheme.parse("w4a4kv4"), options=q.options_dict(), metadata=meta,
+                        source={"spec": "toy-chat", "fingerprint": toy_chat.fingerprint})
     loaded, _, info = load_variant(path)
     with torch.no_grad():
         got = loaded(input_ids=ids).logits

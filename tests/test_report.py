@@ -219,8 +219,8 @@ def test_failed_write_leaves_old_report_and_no_temp(run_dir: Path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    # `reports.render` is the function; the module lives in sys.modules under the same name.
-    monkeypatch.setattr(importlib.import_module("reports.run").os, "replace", boom)
+    # Every writer goes through reports.atomic (the one atomic-write helper).
+    monkeypatch.setattr(importlib.import_module("reports.atomic").os, "replace", boom)
     with pytest.raises(ReportError, match="report.html"):
         render(run_dir)
     assert out.read_bytes() == old

@@ -54,6 +54,12 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
                    help="head-to-head paired statistics of variant A against variant B (e.g. aaq-w4a4kv4=ost-w4a4kv4); "
                         "every calibration method is also paired with its alpha-0 (AAQ: OST) or RTN counterpart at the same scheme")
     p.add_argument("--no-report", dest="report", action="store_false", default=None, help="skip report.html")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="results cache shared by run directories, keyed by content, so e.g. the fp generations of "
+                        "one model are reused by the next audit (default $SAFEQUANT_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/safequant or ~/.cache/safequant)")
+    p.add_argument("--no-cache", dest="cache_dir", action="store_const", const="none",
+                   help="use no cache outside the run directory")
     add_calibration_args(p)
 
 
@@ -66,7 +72,7 @@ def _audit_config(args: argparse.Namespace):
         "ppl_max_tokens", "out", "max_new_tokens", "batch_size", "device", "dtype", "seed", "judges", "data_dir",
         "first_token", "bootstrap", "probes", "probe_layers",
         "system_prompt", "trust_remote_code", "report", "calib_text", "calib_samples", "calib_len", "calib_batch",
-        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer", "probe_model", "pairs")}
+        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer", "probe_model", "pairs", "cache_dir")}
     config = config.with_overrides(overrides)
     if isinstance(config.base, str) and config.base.lower() == "none":
         config.base = None

@@ -35,10 +35,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from harness.stats import paired_compare
     from reports.compare import CrossPair, render_compare
     from reports.pairs import format_pair_rows, pair_rows
-    from reports.run import load_run, primary_judge, prompt_sets
+    from reports.run import check_output_path, load_run, primary_judge, prompt_sets
 
     if args.bootstrap < 100:
         raise UserError(f"--bootstrap must be at least 100, got {args.bootstrap}")
+    if args.output:
+        check_output_path(Path(args.output), "compare.html", "--output")  # before the paired statistics
     run_a, run_b = load_run(Path(args.run_a)), load_run(Path(args.run_b))
     for run in (run_a, run_b):
         if not run.rows_present or not run.rows:

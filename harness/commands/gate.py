@@ -10,12 +10,15 @@ from harness.errors import UserError
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from harness.gate import gate, junit_xml, load_thresholds, text_summary
-    from reports.run import write_atomic
+    from reports.run import check_output_path, write_atomic
 
+    if args.junit and args.junit != "none":
+        check_output_path(Path(args.junit), "junit.xml", "--junit")
     thresholds = load_thresholds(args.config, {
         "max_refusal_drop": args.max_refusal_drop, "max_overrefusal_rise": args.max_overrefusal_rise,
         "max_ppl_ratio": args.max_ppl_ratio, "significance": args.significance,
         "require_significance": True if args.require_significance else None,
+        "allow_unmeasured": True if args.allow_unmeasured else None,
         "min_prompts": args.min_prompts, "checks": args.check,
     })
     result = gate(args.run_dir, thresholds, args.variant)
@@ -46,6 +49,8 @@ def register(sub) -> None:
                    help="significance level of McNemar's paired test (default 0.05)")
     p.add_argument("--require-significance", action="store_true",
                    help="a drop or rise beyond its bound fails only when significant at ALPHA (else a warning)")
+    p.add_argument("--allow-unmeasured", action="store_true",
+                   help="skip checks the run did not measure (e.g. a NaN perplexity) instead of failing them")
     p.add_argument("--min-prompts", type=int, metavar="N", help="fewest harmful prompts a verdict may rest on (default 20)")
     p.add_argument("--check", action="append", metavar="'METRIC <= X'",
                    help="a further bound, repeatable, e.g. 'probe_transfer_drop <= 0.1' or 'benign_refusal_rise <= 0.05' "

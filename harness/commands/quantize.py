@@ -61,10 +61,11 @@ def calibration_options(args: argparse.Namespace, base=None):
 def cmd_quantize(args: argparse.Namespace) -> int:
     import time
 
-    from harness.calibration_data import calibration_text
     from harness.config import parse_options
     from harness.models import load_model, resolve_model
-    from harness.quantize import quantize_variant, resolve_base, resolve_probe_model
+    from harness.quantize import (check_calibration_inputs, check_context, quantize_variant, resolve_base,
+                                  resolve_probe_model)
+    from harness.store import check_writable
     from quantizers import QuantizerError, QuantScheme, build_quantizer, get_quantizer
     from quantizers.artifact import save_variant
 
@@ -79,23 +80,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"output folder {out} already exists: choose another --out or pass --overwrite")
+    check_writable(out)  # a parent that is a file or a read-only folder fails now, not after quantizing
     calib = calibration_options(args)
     source = resolve_model(args.model)
     cls = get_quantizer(args.method)
     base_spec = args.base
     if base_spec == "auto":
         base_spec = "toy-base" if source.kind == "toy" and cls.needs_base_model else None
+    if base_spec and base_spec.lower() == "none":
+        base_spec = None
     if cls.needs_base_model and not base_spec:
         raise UserError(f"--method {args.method} needs the unaligned base model: pass --base MODEL or --base ablated")
-    if base_spec and base_spec.lower() not in ("none", "ablated"):
+    if base_spec and base_spec.lower() != "ablated":
         resolve_model(base_spec)
-    if cls.requires_calibration:
-        spec = calib.spec(source.kind, args.seed)
-        if not spec.source.startswith("dataset:"):
-            calibration_text(spec.source)  # a missing file fails here, before any loading
+    check_calibration_inputs(calib, source.kind, args.seed, text=cls.requires_calibration,
+                             prompts=cls.uses_calibration_prompts or (cls.needs_base_model and (base_spec or "").lower() == "ablated"))
 
     started = time.perf_counter()
     subject = load_model(source, args.device, args.dtype, args.trust_remote_code)
+    check_context(calib, subject.model, text=cls.requires_calibration)
     base = resolve_base(base_spec if cls.needs_base_model else None, subject, device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code, calib=calib, ablate_layer=args.ablate_layer)
     probe_model = None
