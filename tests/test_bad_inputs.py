@@ -430,6 +430,11 @@ GATE_OPTIONS: list[tuple[str, Callable[[Path], list[str]], str]] = [
      "true or false"),
     ("config checks a string", lambda d: ["--config", _write(d / "g.toml", '[gate]\nchecks = "x <= 1"')], "checks"),
     ("config not TOML", lambda d: ["--config", _write(d / "g.toml", "[gate")], "toml"),
+    ("config min_prompts nan", lambda d: ["--config", _write(d / "g.toml", "[gate]\nmin_prompts = nan")], "min_prompts"),
+    ("config min_prompts inf", lambda d: ["--config", _write(d / "g.toml", "[gate]\nmin_prompts = inf")], "min_prompts"),
+    ("config ratio nan", lambda d: ["--config", _write(d / "g.toml", "[gate]\nmax_ppl_ratio = nan")], "finite"),
+    ("config significance nan", lambda d: ["--config", _write(d / "g.toml", "[gate]\nsignificance = nan")],
+     "significance"),
     ("missing run", lambda d: [], ""),
 ]
 
