@@ -75,8 +75,8 @@ BAD_NAMES = ["../../escaped", "/abs/dir", "", "a/b", "a\\b", "..", ".", "...", "
 @pytest.mark.parametrize("name", BAD_NAMES, ids=[repr(n)[:20] for n in BAD_NAMES])
 def test_variant_name_is_a_label_not_a_path(capsys, tmp_path, name):
     out = tmp_path / "run"
-    line = assert_clean_error(capsys, ["audit", "--out", str(out), "--variants", "fp", f"{name}=rtn:w8a8"], tmp_path,
-                              "a name is a label")
+    line = assert_clean_error(capsys, ["audit", "--out", str(out), "--variants", "fp", f"{name}=rtn:w8a8", *FAST],
+                              tmp_path, "a name is a label")
     assert not out.exists()
     assert "\n" not in line
 
