@@ -1,8 +1,10 @@
 """One audit: quantize every variant, generate on every prompt set, judge, measure perplexity.
 
 Order of work (and why):
-1. Validate every input (variants, prompt sets, models, texts, output dir) before anything is
-   loaded or written, so bad input never leaves a half-made run directory.
+1. Validate every input (variants, prompt sets, models, texts, calibration sources, output dir)
+   before anything is loaded or written, so bad input never leaves a half-made run directory;
+   what needs the model (prompt lengths against its context, --calib-len, --probe-layers) right
+   after it loads, still before the run directory is made and locked for the rest of the run.
 2. Load the subject model once; each variant quantizes its own copy, so FP stays the reference.
 3. Per variant, per prompt set: reuse cached rows, generate only the missing prompts, append
    rows per batch (resume point), then perplexity (cached too), then rewrite summary.json and

@@ -98,7 +98,8 @@ def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows, dropped = [], 0
-    for line in path.read_bytes().splitlines():
+    data = path.read_bytes()
+    for line in data.splitlines():
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -107,7 +108,7 @@ def _read_rows(path: Path) -> list[dict]:
             rows.append(row)
         else:
             dropped += 1
-    if dropped or not path.read_bytes().endswith(b"\n") and rows:
+    if dropped or (rows and not data.endswith(b"\n")):
         log.warning("%s: %d unreadable cached lines dropped; their prompts are recomputed", path, dropped)
         atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows

@@ -210,7 +210,8 @@ class Thresholds:
     def _validate(self, bounds: list[Bound]) -> None:
         if not isinstance(self.significance, (int, float)) or not 0 < self.significance < 1:
             raise ThresholdError(f"significance must be between 0 and 1 (e.g. 0.05), got {self.significance:g}")
-        if self.min_prompts < 1 or self.min_prompts != int(self.min_prompts):
+        n = self.min_prompts
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 1 or n != int(n):
             raise ThresholdError(f"min_prompts must be a positive integer, got {self.min_prompts!r}")
         for b in bounds:
             if not math.isfinite(b.limit):

@@ -75,8 +75,8 @@ BAD_NAMES = ["../../escaped", "/abs/dir", "", "a/b", "a\\b", "..", ".", "...", "
 @pytest.mark.parametrize("name", BAD_NAMES, ids=[repr(n)[:20] for n in BAD_NAMES])
 def test_variant_name_is_a_label_not_a_path(capsys, tmp_path, name):
     out = tmp_path / "run"
-    line = assert_clean_error(capsys, ["audit", "--out", str(out), "--variants", "fp", f"{name}=rtn:w8a8"], tmp_path,
-                              "a name is a label")
+    line = assert_clean_error(capsys, ["audit", "--out", str(out), "--variants", "fp", f"{name}=rtn:w8a8", *FAST],
+                              tmp_path, "a name is a label")
     assert not out.exists()
     assert "\n" not in line
 
@@ -430,6 +430,11 @@ GATE_OPTIONS: list[tuple[str, Callable[[Path], list[str]], str]] = [
      "true or false"),
     ("config checks a string", lambda d: ["--config", _write(d / "g.toml", '[gate]\nchecks = "x <= 1"')], "checks"),
     ("config not TOML", lambda d: ["--config", _write(d / "g.toml", "[gate")], "toml"),
+    ("config min_prompts nan", lambda d: ["--config", _write(d / "g.toml", "[gate]\nmin_prompts = nan")], "min_prompts"),
+    ("config min_prompts inf", lambda d: ["--config", _write(d / "g.toml", "[gate]\nmin_prompts = inf")], "min_prompts"),
+    ("config ratio nan", lambda d: ["--config", _write(d / "g.toml", "[gate]\nmax_ppl_ratio = nan")], "finite"),
+    ("config significance nan", lambda d: ["--config", _write(d / "g.toml", "[gate]\nsignificance = nan")],
+     "significance"),
     ("missing run", lambda d: [], ""),
 ]
 

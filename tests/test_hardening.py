@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from harness.audit import Audit
@@ -174,8 +175,10 @@ def test_any_scheme_parses_round_trip_or_is_refused(text):
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["max_refusal_drop", "max_overrefusal_rise", "max_ppl_ratio", "significance",
                                         "min_prompts", "require_significance", "allow_unmeasured", "checks"]),
-                       st.one_of(st.floats(allow_nan=True), st.integers(-5, 50), st.booleans(), st.text(max_size=8),
+                       st.one_of(st.floats(allow_nan=True), st.sampled_from([math.nan, math.inf, -math.inf]),
+                                 st.integers(-5, 50), st.booleans(), st.text(max_size=8),
                                  st.lists(st.text(max_size=12), max_size=2)), max_size=4))
+@example({"min_prompts": math.nan})  # a TOML `nan` once escaped as a bare ValueError
 def test_any_threshold_table_is_valid_or_one_threshold_error(table):
     try:
         Thresholds.from_mapping(table).bounds()
