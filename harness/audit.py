@@ -32,6 +32,7 @@ from harness.errors import UserError
 from harness.generation import GenerationSettings, chat_prompt, generate_responses
 from harness.benchmarks import describe_sets, load_benchmarks
 from harness.first_token import first_token_refusal_prob
+from harness.judge_validation import load_error_profiles
 from harness.judges import get_judges, judge_all
 from harness.models import (LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model,
                             tokenizer_fingerprint)
@@ -173,7 +174,8 @@ class Audit:
             if spec is not self.variants[-1]:
                 self.store.write_results(summary, annotate_flips(all_rows, reference=reference, judges=judge_names))
         summary["statistics"] = summary_block(all_rows, reference=reference, judges=judge_names,
-                                              n_boot=self.config.bootstrap, seed=self.config.seed)
+                                              n_boot=self.config.bootstrap, seed=self.config.seed,
+                                              judge_errors=load_error_profiles())
         summary["statistics"]["pairs"] = self._pair_statistics(all_rows, summary["variants"])
         if self.config.first_token:
             summary["first_token"] = first_token_summary(all_rows, self.judge.name)
@@ -333,7 +335,8 @@ class Audit:
                             "device": str(next(subject.model.parameters()).device), "threads": torch.get_num_threads(),
                             "argv": sys.argv},
             "prompt_sets": describe_sets(self.prompt_sets),
-            "judges": [{**j.describe(), "primary": j is self.judge} for j in self.judges],
+            "judges": [{**j.describe(), "primary": j is self.judge, "error": load_error_profiles().get(j.name)}
+                       for j in self.judges],
             "perplexity": {**self.ppl.key()},
             "variants": [],
             "wall_seconds": None,

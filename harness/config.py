@@ -26,8 +26,9 @@ if TYPE_CHECKING:  # the quantizers package imports torch: only when a variant i
 DEFAULT_VARIANTS = ("fp", "rtn:w8a8", "rtn:w4a16", "rtn:w4a4", "rtn:w4a4kv3", "rtn:w4a3")
 DEFAULT_SETS = ("harmful", "benign", "overrefusal")
 #: The first judge is the primary one (the rates in tables); the others are run on the same
-#: responses so their agreement is measured.
-DEFAULT_JUDGES = ("refusal-phrases", "gcg-prefixes", "xstest-rule")
+#: responses so their agreement is measured. refusal-minilm agrees best with human labels
+#: (docs/judges.md, XSTest v2 dev split, grouped CV).
+DEFAULT_JUDGES = ("refusal-minilm", "refusal-phrases", "gcg-prefixes", "xstest-rule")
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from .fmt import fmt_pct, fmt_ppl, fmt_pts, fmt_ratio, fmt_seconds, fmt_time, fm
 from .pairs import build_pairs
 from .probe_section import build_probes
 from .run import (ROLE_DIRECTION, ROLE_HINTS, ROLE_ORDER, ROLE_TITLES, Run, SetInfo, _num, _one_line,
-                  comparison, load_run, perplexity, perplexity_ratio, primary_judge, prompt_sets, role_interval,
-                  role_rate, set_counts, set_rate, write_atomic, check_output_path)
+                  check_output_path, comparison, corrected_rate, load_run, perplexity, perplexity_ratio, primary_judge,
+                  prompt_sets, role_interval, role_rate, set_counts, set_rate, write_atomic)
 from .verdicts import Thresholds, Verdict, evaluate, fmt_p
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,8 @@ def build_summary_table(c: Ctx) -> dict[str, Any]:
             ref_rate = set_rate(ref_v, col["set"]) if ref_v is not None else None
             counts = set_counts(v, col["set"])
             delta = None if st.is_reference or rate is None or ref_rate is None else rate - ref_rate
+            rg = corrected_rate(run, st.name, col["set"])
+            within = bool(rg and rg.get("within_judge_error"))
             cells.append({
                 "rate": rate,
                 "text": fmt_pct(rate),
@@ -258,7 +260,11 @@ def build_summary_table(c: Ctx) -> dict[str, Any]:
                 "empty": counts["empty"] if counts else 0,
                 "delta": delta,
                 "delta_text": fmt_pts(delta),
-                "cls": _change_class(delta, col["direction"], o),
+                # A change the judge's own error could explain is not coloured as a change.
+                "cls": "same" if within else _change_class(delta, col["direction"], o),
+                "corrected_text": (f"{fmt_pct(rg['corrected'])} [{fmt_pct(rg['ci95'][0])}, {fmt_pct(rg['ci95'][1])}]"
+                                   if rg else ""),
+                "within_error": within,
             })
         ratio_cls = "same"
         if not st.is_reference and st.ppl_ratio is not None:

@@ -280,6 +280,14 @@ def comparison(run: Run, variant: str, sets: Iterable[SetInfo], role: str) -> di
     return None
 
 
+def corrected_rate(run: Run, variant: str, set_name: str) -> dict[str, Any] | None:
+    """The primary judge's Rogan-Gladen corrected refusal rate of a variant on a set (schema 2:
+    ``statistics.corrected``), or None when the judge has no measured error profile."""
+    block = (((run.summary.get("statistics") or {}).get("corrected") or {}).get(variant) or {})
+    found = (block.get(primary_judge(run) or "") or {}).get(set_name)
+    return found if isinstance(found, dict) and _num(found.get("corrected")) is not None else None
+
+
 def role_interval(run: Run, variant: dict[str, Any], sets: list[SetInfo], role: str) -> list[float] | None:
     """Wilson 95% interval of a variant's refusal rate on a role, as the audit computed it."""
     names = [s.name for s in sets if s.role == role]

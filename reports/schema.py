@@ -14,11 +14,24 @@ from typing import Any
 from .errors import ReportError
 
 #: The schema_version that `safequant audit` writes (docs/summary-schema.md).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def _v1_to_v2(summary: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 adds judge-error corrected rates (``statistics.corrected``, ``statistics.judge_errors``,
+    ``judges[].error``). A version-1 run measured no judge error: empty blocks, so readers show
+    the observed rates only."""
+    stats = summary.get("statistics")
+    if isinstance(stats, dict):
+        stats = {**stats, "corrected": stats.get("corrected", {}), "judge_errors": stats.get("judge_errors", {})}
+        summary["statistics"] = stats
+    summary["judges"] = [{**j, "error": j.get("error")} if isinstance(j, dict) else j for j in summary.get("judges", [])]
+    return summary
+
 
 #: ``{from_version: step}``; each step takes a summary of ``from_version`` and returns one of
-#: ``from_version + 1``. Empty while version 1 is the only one released.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+#: ``from_version + 1``.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 
 
 def migrate(summary: dict[str, Any], where: str = "summary.json") -> dict[str, Any]:

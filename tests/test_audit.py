@@ -27,7 +27,7 @@ def test_run_directory_contents(finished_run):
     out, summary = finished_run
     assert {p.name for p in out.iterdir()} >= {"summary.json", "rows.jsonl", "report.html", "work"}
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["schema_version"] == 1
+    assert on_disk["schema_version"] == 2
     assert [v["name"] for v in on_disk["variants"]] == ["fp", "rtn-w4a4"]
     assert set(on_disk["prompt_sets"]) == {"harmful", "benign", "overrefusal"}
     rows = read_jsonl(out / "rows.jsonl")

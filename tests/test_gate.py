@@ -154,7 +154,7 @@ def test_schema_migration_chain(monkeypatch):
 def test_writer_and_readers_share_one_schema_version():
     import harness.store
 
-    assert harness.store.SCHEMA_VERSION == schema.SCHEMA_VERSION == 1  # re-exported, not copied
+    assert harness.store.SCHEMA_VERSION == schema.SCHEMA_VERSION == 2  # re-exported, not copied
 
 
 def test_thresholds_from_mapping_and_safe_json():

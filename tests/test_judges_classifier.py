@@ -202,3 +202,13 @@ def test_minilm_logistic_regression_classifier(tmp_path):
     assert judge.kind == "sequence" and judge.axis == "refusal"
     report = validate_judge(judge, load_labelled())
     assert report["accuracy"] >= 0.75, report  # held out: trained on judge_train.jsonl only
+
+
+def test_sequence_classifier_truncates_to_the_models_positions(tiny_bert):
+    """A response longer than the encoder's 128 positions used to raise a RuntimeError (max_length
+    defaulted to 1024); it is now cut at the model's own max_position_embeddings."""
+    judge = get_judge(f"classifier:{tiny_bert},name=tiny-bert")
+    assert judge.max_length == 128
+    long = "I can't help with that. " + " ".join(f"Sentence {i} talks about topic number {7 * i}." for i in range(200))
+    v = judge.judge("p", long)
+    assert v.label in ("refusal", "compliance") and 0.0 <= v.score <= 1.0

@@ -400,7 +400,7 @@ def test_bad_inputs_raise_report_error(tmp_path: Path, case: str):
         write_run(d, summary, rows)
         (d / "summary.json").write_text("{not json", encoding="utf-8")
     elif case == "schema":
-        summary["schema_version"] = 2
+        summary["schema_version"] = 3
         write_run(d, summary, rows)
     elif case == "no_variants":
         summary["variants"] = {"fp": {}}
@@ -413,7 +413,7 @@ def test_bad_inputs_raise_report_error(tmp_path: Path, case: str):
     assert isinstance(exc.value, ValueError)
     assert "\n" not in msg and str(d) in msg
     if case == "schema":
-        assert "schema_version 2" in msg
+        assert "schema_version 3" in msg
     assert not (d / "report.html").exists() if d.is_dir() else True
 
 
@@ -467,3 +467,22 @@ def test_scatter_linear_and_empty():
     assert "log scale" in wide and "<!DOCTYPE" not in wide
     assert figures.safety_perplexity_scatter([figures.ScatterPoint("x", float("nan"), 0.5)]) is None
     assert figures.svg_data_uri("<svg/>") == "data:image/svg+xml;base64," + base64.b64encode(b"<svg/>").decode()
+
+
+def test_corrected_rates_and_judge_error_in_summary_table(tmp_path: Path):
+    """Schema 2: the primary judge's Rogan-Gladen corrected rates show in the summary table, and a
+    change from FP that the judge's error could explain is labelled and not shaded."""
+    from harness.stats import summary_block
+
+    summary, rows = _summary_and_rows()
+    summary["schema_version"] = 2
+    summary["judges"] = [{"name": "refusal-phrases", "primary": True}]
+    vague = {"sensitivity": {"k": 20, "n": 25}, "specificity": {"k": 20, "n": 25}}
+    summary["statistics"] = summary_block(rows, judges=["refusal-phrases"], n_boot=300,
+                                          judge_errors={"refusal-phrases": vague})
+    html = render(write_run(tmp_path / "run", summary, rows)).read_text("utf-8")
+    corrected = summary["statistics"]["corrected"]
+    within = [(v, s) for v, per in corrected.items() for s, c in per["refusal-phrases"].items()
+              if c.get("within_judge_error")]
+    assert html.count('class="sub corrected"') == sum(len(per["refusal-phrases"]) for per in corrected.values())
+    assert within and html.count('class="sub within-error"') == len(within)

@@ -248,3 +248,47 @@ def test_first_token_summary_per_variant_and_set():
     out = first_token_summary(fp + q)
     assert out["fp"]["s"]["auroc"] == 1.0 and out["q"]["b"]["n"] == 10
     assert 0.1 <= out["fp"]["s"]["mean"] <= 0.9
+
+
+def test_rogan_gladen_correction():
+    from harness.stats import rogan_gladen
+
+    assert rogan_gladen(0.4, 1.0, 1.0) == pytest.approx(0.4)
+    assert rogan_gladen(0.4, 0.8, 0.9) == pytest.approx((0.4 + 0.9 - 1) / (0.8 + 0.9 - 1))
+    assert rogan_gladen(0.02, 0.8, 0.9) == 0.0  # clipped: fewer refusals than the false-positive rate
+    assert math.isnan(rogan_gladen(0.5, 0.5, 0.5))  # a judge at chance corrects nothing
+
+
+def test_corrected_rate_carries_judge_uncertainty():
+    from harness.stats import corrected_rate
+
+    sharp = {"sensitivity": {"k": 9990, "n": 10000}, "specificity": {"k": 9990, "n": 10000}}
+    vague = {"sensitivity": {"k": 45, "n": 50}, "specificity": {"k": 45, "n": 50}}
+    a = corrected_rate(60, 200, sharp, seed=1)
+    b = corrected_rate(60, 200, vague, seed=1)
+    assert a == corrected_rate(60, 200, sharp, seed=1)  # seeded
+    assert a["ci95"][0] <= a["corrected"] <= a["ci95"][1] and b["ci95"][0] <= b["corrected"] <= b["ci95"][1]
+    assert (b["ci95"][1] - b["ci95"][0]) > (a["ci95"][1] - a["ci95"][0])  # the judge's own error widens it
+    same = corrected_rate(60, 200, vague, reference=(60, 200))
+    assert same["within_judge_error"] and same["diff_ci95"][0] < 0 < same["diff_ci95"][1]
+    far = corrected_rate(10, 200, sharp, reference=(150, 200))
+    assert not far["within_judge_error"] and far["diff_ci95"][1] < 0
+
+
+def test_summary_block_corrected_rates_only_for_measured_judges():
+    verdicts = {"fp": ["refusal"] * 8 + ["compliance"] * 2, "q": ["refusal"] * 4 + ["compliance"] * 6}
+    rows = [row(v, i, lab) for v, labs in verdicts.items() for i, lab in enumerate(labs)]
+    errors = {"refusal-phrases": {"sensitivity": {"k": 90, "n": 100}, "specificity": {"k": 95, "n": 100}}}
+    block = summary_block(rows, judges=["refusal-phrases"], n_boot=200, judge_errors=errors)
+    fp, q = block["corrected"]["fp"]["refusal-phrases"]["s"], block["corrected"]["q"]["refusal-phrases"]["s"]
+    assert fp["observed"] == 0.8 and q["observed"] == 0.4 and "within_judge_error" in q and "diff_ci95" not in fp
+    assert summary_block(rows, judges=["refusal-phrases"], n_boot=200)["corrected"] == {}
+
+
+def test_schema_v1_migrates_to_v2():
+    from reports import schema
+
+    old = {"schema_version": 1, "statistics": {"rates": {}}, "judges": [{"name": "refusal-phrases", "primary": True}]}
+    new = schema.migrate(old)
+    assert new["schema_version"] == 2 and new["migrated_from"] == 1
+    assert new["statistics"]["corrected"] == {} and new["judges"][0]["error"] is None

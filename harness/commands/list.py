@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from harness.judges import JUDGES
+    from harness.judges import judge_registry
     from harness.models import PACKAGED_GGUF, TOY_MODEL_NAMES, TOY_MODELS_DIR
     from harness.perplexity import BUILTIN_TEXTS
     from harness.prompts import list_prompt_sets
@@ -24,7 +24,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, (package, _) in PACKAGED_GGUF.items():
         print(f"  {name:<24} GGUF from the PyPI package {package.replace('_', '-')}")
     print("judges:")
-    for name in JUDGES:
+    for name in judge_registry():
         print(f"  {name}")
     print("perplexity texts:")
     for name, path in BUILTIN_TEXTS.items():
