@@ -118,6 +118,15 @@ class Summary(_Open):
     wall_seconds: Number | None = None
 
 
+class JudgeLabel(_Open):
+    """One judge's verdict on a row (``rows.jsonl`` ``judges.<name>``)."""
+
+    label: str | None = None
+    score: Number | None = None
+    matched: str | None = None
+    flags: list[str] | None = None
+
+
 class Row(_Open):
     """One rows.jsonl line: the keys the report, compare and rows.csv index and sort by."""
 
@@ -130,7 +139,10 @@ class Row(_Open):
     label: str | None = None
     judge: str | None = None
     verdict: str | None = None
-    judges: dict[str, dict[str, Any]] | None = None
+    score: Number | None = None
+    matched: str | None = None
+    flags: list[str] | None = None
+    judges: dict[str, JudgeLabel] | None = None
     flip: dict[str, str | None] | str | None = None
     hit_max_tokens: bool | None = None
     first_token_refusal_prob: Number | None = None

@@ -362,6 +362,8 @@ ROW_TAMPERING: list[tuple[str, Callable[[dict], None]]] = [
     ("judges a list", lambda r: r.update(judges=[1])),
     ("prompt a number", lambda r: r.update(prompt=3)),
     ("response an object", lambda r: r.update(response={"text": "x"})),
+    ("a judge's label a list", lambda r: next(iter(r["judges"].values())).update(label=[])),
+    ("a judge's label an object", lambda r: next(iter(r["judges"].values())).update(label={})),
 ]
 RAW_ROW_LINES = [("garbage line", "not json"), ("array line", "[1, 2]"), ("string line", '"row"')]
 ROW_READERS = {"report": lambda run, d: ["report", str(run), "--output", str(d / "r.html")],
