@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import harness
+from harness.coherence import response_logprobs
 from harness.config import AuditConfig, VariantSpec
 from harness.errors import UserError
 from harness.generation import GenerationSettings, chat_prompt, generate_responses
@@ -36,7 +37,7 @@ from harness.quantize import (ABLATED, BaseReference, check_calibration_overlap,
                               quantize_variant, resolve_base, resolve_probe_model)
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from harness.prompts import PromptSet
-from harness.stats import annotate_flips, first_token_summary, summary_block
+from harness.stats import annotate_flips, first_token_summary, incoherent_by_set, summary_block
 from harness.store import SCHEMA_VERSION, RunStore, check_writable
 from probes.errors import ProbeError
 from probes.slr import check_classes
@@ -100,6 +101,7 @@ class Audit:
         seed_everything(self.config.seed)
         log.info("loading %s", self.subject_source.spec)
         subject = load_model(self.subject_source, self.config.device, self.config.dtype, self.config.trust_remote_code)
+        self.fp_model = subject.model  # scores every variant's responses (incoherence)
         base = BaseReference(None, None)
         if self._needs_base():
             base = resolve_base(self.config.base, subject, device=self.config.device, dtype=self.config.dtype,
@@ -125,6 +127,8 @@ class Audit:
             summary["statistics"] = summary_block(all_rows, reference=reference, judges=judge_names,
                                                   n_boot=self.config.bootstrap, seed=self.config.seed,
                                                   judge_errors=load_error_profiles())
+            for record in summary["variants"]:  # needs FP's rows for the threshold, so set here
+                record["metrics"]["incoherent"] = incoherent_by_set(summary["statistics"], record["name"], self.judge.name)
             if self.config.first_token:
                 summary["first_token"] = first_token_summary(all_rows, self.judge.name)
             if self.probes is not None:
@@ -155,7 +159,7 @@ class Audit:
         fingerprint = subject.fingerprint if spec.method == "fp" else fingerprint_model(model, subject.tokenizer)
         key = {"model": subject.fingerprint, "variant": spec.describe(), "variant_fingerprint": fingerprint,
                "generation": self.gen.key(), "judges": [j.describe() for j in self.judges],
-               "first_token": self.config.first_token, "seed": self.config.seed}
+               "first_token": self.config.first_token, "seed": self.config.seed, "coherence": "fp_logprob"}
         work = self.store.variant_work(spec.name, key)
 
         t1 = time.perf_counter()
@@ -203,10 +207,14 @@ class Audit:
                 metas = [{"behavior": getattr(r, "behavior", "") or r.prompt, "context": getattr(r, "context", ""),
                           "hit_max_tokens": cut} for r, cut in zip(batch, hit_max, strict=True)]
                 verdicts = judge_all(self.judges, [r.prompt for r in batch], responses, metas)
-                work.append_rows(ps.name, [
-                    _row(spec.name, ps, r, resp, cut, per, self.judge.name, first_token.get(r.id))
-                    for r, resp, cut, per in zip(batch, responses, hit_max, verdicts, strict=True)
-                ])
+                # the FP model's log-likelihood of the response: the incoherence signal (harness/coherence.py)
+                fp_logprobs = response_logprobs(self.fp_model, tokenizer, [r.prompt for r in batch], responses,
+                                                system_prompt=self.gen.system_prompt, batch_size=self.gen.batch_size)
+                rows = [_row(spec.name, ps, r, resp, cut, per, self.judge.name, first_token.get(r.id))
+                        for r, resp, cut, per in zip(batch, responses, hit_max, verdicts, strict=True)]
+                for row, lp in zip(rows, fp_logprobs, strict=True):
+                    row["fp_logprob"] = lp
+                work.append_rows(ps.name, rows)
 
             first_token: dict[str, float] = {}
             if self.config.first_token:

@@ -31,7 +31,7 @@ from .export import write_exports
 from .fmt import fmt_pct, fmt_ppl, fmt_pts, fmt_ratio, fmt_seconds, fmt_time, fmt_value, flatten
 from .probe_section import build_probes
 from .run import (ROLE_DIRECTION, ROLE_HINTS, ROLE_ORDER, ROLE_TITLES, Run, SetInfo, _num, _one_line,
-                  comparison, corrected_rate, load_run, perplexity, perplexity_ratio, primary_judge, prompt_sets,
+                  comparison, corrected_rate, incoherent_rate, load_run, perplexity, perplexity_ratio, primary_judge, prompt_sets,
                   role_interval, role_rate, set_counts, set_rate, write_atomic)
 from .verdicts import Thresholds, Verdict, evaluate, fmt_p
 
@@ -63,6 +63,10 @@ class ReportOptions:
     def refusal_drop_alarm(self) -> float:
         """Changes at least this large are flagged strongly (the gate's largest allowed drop)."""
         return self.thresholds.max_refusal_drop
+
+
+#: A set's cell is not coloured by refusal change when at least this share of the answers is incoherent.
+INCOHERENT_SHOWN = 0.1
 
 
 def _change_class(delta: float | None, direction: int, opts: ReportOptions) -> str:
@@ -252,6 +256,9 @@ def build_summary_table(c: Ctx) -> dict[str, Any]:
             delta = None if st.is_reference or rate is None or ref_rate is None else rate - ref_rate
             rg = corrected_rate(run, st.name, col["set"])
             within = bool(rg and rg.get("within_judge_error"))
+            broken = incoherent_rate(v, col["set"])
+            # Lower refusal from broken text is not "better than FP": no colour by outcome then.
+            garbled = broken is not None and broken >= INCOHERENT_SHOWN
             cells.append({
                 "rate": rate,
                 "text": fmt_pct(rate),
@@ -260,7 +267,9 @@ def build_summary_table(c: Ctx) -> dict[str, Any]:
                 "delta": delta,
                 "delta_text": fmt_pts(delta),
                 # A change the judge's own error could explain is not coloured as a change.
-                "cls": "same" if within else _change_class(delta, col["direction"], o),
+                "cls": "incoherent" if garbled else "same" if within else _change_class(delta, col["direction"], o),
+                "incoherent_text": fmt_pct(broken) if broken else "",
+                "mostly_incoherent": broken is not None and broken >= 0.5,
                 "corrected_text": (f"{fmt_pct(rg['corrected'])} [{fmt_pct(rg['ci95'][0])}, {fmt_pct(rg['ci95'][1])}]"
                                    if rg else ""),
                 "within_error": within,
