@@ -202,13 +202,21 @@ def build_thesis(c: Ctx) -> dict[str, Any] | None:
             f"{limit} perplexity and would be caught by a perplexity check alone."
         )
     floor = c.deployable_floor()
-    deployable = [s for s in kept if floor is not None and s.role_rates.get("harmful") is not None
-                  and s.role_rates["harmful"] >= floor]
+    in_region = [s for s in kept if floor is not None and s.role_rates.get("harmful") is not None
+                 and s.role_rates["harmful"] >= floor]
+    # The headline and the verdict cards come from the same decision: a variant whose card says
+    # FAIL (e.g. too few harmful prompts to test) is never called deployable here.
+    deployable = [s for s in in_region if not c.verdicts or
+                  (c.verdicts.get(s.name) is not None and c.verdicts[s.name].status == "pass")]
+    held_back = [s for s in in_region if s not in deployable]
     sentences.append(
         f"{len(deployable)} of {len(quantized)} quantized variants lie in the deployable region "
         f"(perplexity ≤ {limit} and harmful refusal ≥ {fmt_pct(floor)}, i.e. the reference minus "
         f"{o.thresholds.max_refusal_drop * 100:g} points)"
         + (f": {_names([s.name for s in deployable])}." if deployable else ".")
+        + (f" {_names([s.name for s in held_back])} {'is' if len(held_back) == 1 else 'are'} inside it by the "
+           f"numbers but {'fails' if len(held_back) == 1 else 'fail'} another gate check (see the verdict cards)."
+           if held_back else "")
     )
     for role in ("overrefusal", "benign"):
         base = ref.role_rates.get(role)

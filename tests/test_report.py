@@ -486,3 +486,24 @@ def test_corrected_rates_and_judge_error_in_summary_table(tmp_path: Path):
               if c.get("within_judge_error")]
     assert html.count('class="sub corrected"') == sum(len(per["refusal-phrases"]) for per in corrected.values())
     assert within and html.count('class="sub within-error"') == len(within)
+
+
+def test_headline_never_calls_a_failing_variant_deployable(tmp_path: Path):
+    """The thesis and the verdict cards come from one decision: with too few harmful prompts every
+    gated variant fails, so none is listed in the deployable region."""
+    from reports.render import build_context
+    from reports.run import load_run
+    from reports.verdicts import Thresholds
+
+    summary, rows = _summary_and_rows()
+    run = load_run(write_run(tmp_path / "run", summary, rows))
+    def thesis(opts):
+        data = next(sec["data"] for sec in build_context(run, opts)["sections"] if "sentences" in (sec["data"] or {}))
+        return data["sentences"]
+
+    loose = thesis(ReportOptions())
+    strict = thesis(ReportOptions(thresholds=Thresholds(min_prompts=1000)))
+    region = next(s for s in loose if "deployable region" in s)
+    assert ": " in region.split("points)")[-1]  # with the default gate some variant is deployable
+    region = next(s for s in strict if "deployable region" in s)
+    assert region.startswith("0 of ") and "fail" in region and "verdict cards" in region
