@@ -445,6 +445,17 @@ GUARD_TEMPLATES: dict[str, tuple[str | None, dict[str, str]]] = {
 }
 
 
+#: Named guard models, as presets of ``classifier:PATH``: ``NAME:PATH[,options]``. Each fixes the
+#: published prompt format and the answers; the weights stay a local folder (GPU machines).
+GUARD_PRESETS: dict[str, dict[str, Any]] = {
+    # cais/HarmBench-Llama-2-13b-cls: HarmBench's classifier prompt, one answer token "yes"/"no".
+    "harmbench-cls": {"template": "harmbench", "max_new_tokens": 1, "kind": "generative"},
+    # meta-llama/Llama-Guard-3-8B: its own chat template; "safe", or "unsafe" and a line of category
+    # codes (S1..S14), which is kept in ``matched``.
+    "llama-guard-3": {"template": "llama-guard", "max_new_tokens": 10, "kind": "generative"},
+}
+
+
 def parse_guard_output(text: str, answers: Mapping[str, str]) -> tuple[str, str]:
     """Strictly parse a generative judge's output: ``(label, detail)``, label ``unparsed`` if the
     first non-empty line, stripped and lower-cased (one trailing '.' allowed), is not exactly one
@@ -735,6 +746,11 @@ def get_judge(name: str, **options: Any):
     from harness.errors import UserError
 
     spec = name.strip() if isinstance(name, str) else name
+    preset = spec.partition(":")[0] if isinstance(spec, str) else ""
+    if preset in GUARD_PRESETS:
+        body = spec[len(preset) + 1:]
+        spec = "classifier:" + body + "".join(f",{k}={v}" for k, v in GUARD_PRESETS[preset].items()
+                                              if f"{k}=" not in body) + ("" if "name=" in body else f",name={preset}")
     if isinstance(spec, str) and spec.startswith("classifier:"):
         body = spec[len("classifier:"):]
         path, _, rest = body.partition(",")
@@ -751,7 +767,8 @@ def get_judge(name: str, **options: Any):
         cls = judge_registry()[spec]
     except (KeyError, TypeError):
         raise UserError(f"unknown judge {name!r}: choose one of {', '.join(sorted(judge_registry()))} "
-                        f"(classifier as classifier:PATH)") from None
+                        f"(classifier as classifier:PATH; guard presets as "
+                        f"{', '.join(p + ':PATH' for p in GUARD_PRESETS)})") from None
     return cls(**options)
 
 
