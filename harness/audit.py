@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import harness
+from harness.coherence import response_logprobs
 from harness.config import AuditConfig, VariantSpec
 from harness.errors import UserError
 from harness.generation import GenerationSettings, chat_prompt, generate_responses
@@ -40,7 +41,8 @@ from harness.quantize import (ABLATED, BaseReference, check_calibration_inputs, 
                               check_context, load_saved_variant, quantize_variant, resolve_base, resolve_probe_model)
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from harness.prompts import PromptSet
-from harness.stats import annotate_flips, default_pairs, first_token_summary, pairwise_block, summary_block
+from harness.stats import (annotate_flips, default_pairs, first_token_summary, incoherent_by_set, pairwise_block,
+                           summary_block)
 from harness.store import SCHEMA_VERSION, RunStore, check_writable, stable_hash
 from probes.capture import count_layers, parse_layers
 from probes.errors import ProbeError
@@ -142,6 +144,7 @@ class Audit:
         log.info("loading %s", self.subject_source.spec)
         subject = load_model(self.subject_source, self.config.device, self.config.dtype, self.config.trust_remote_code)
         self._check_loaded(subject)
+        self.fp_model = subject.model  # scores every variant's responses (incoherence)
         with self.store.locked():  # one audit per run directory; a second fails at once
             return self._run(subject, command)
 
@@ -176,7 +179,10 @@ class Audit:
         summary["statistics"] = summary_block(all_rows, reference=reference, judges=judge_names,
                                               n_boot=self.config.bootstrap, seed=self.config.seed,
                                               judge_errors=load_error_profiles())
-        summary["statistics"]["pairs"] = self._pair_statistics(all_rows, summary["variants"])
+        for record in summary["variants"]:  # needs FP's rows for the threshold, so set here
+            record["metrics"]["incoherent"] = incoherent_by_set(summary["statistics"], record["name"], self.judge.name)
+        summary["statistics"]["pairs"] = self._pair_statistics(all_rows, summary["variants"],
+                                                               summary["statistics"]["coherence"]["threshold"])
         if self.config.first_token:
             summary["first_token"] = first_token_summary(all_rows, self.judge.name)
         if self.probes is not None:
@@ -186,13 +192,14 @@ class Audit:
         self._render()
         return summary
 
-    def _pair_statistics(self, rows: list[dict], done: list[dict]) -> list[dict]:
+    def _pair_statistics(self, rows: list[dict], done: list[dict], threshold: float | None) -> list[dict]:
         """Head-to-head statistics: the user's ``--pairs`` first, then the default pairs (each
         calibration method against its counterpart), over the variants evaluated so far."""
         finished = {v["name"] for v in done}
         user = [p for p in self.pairs if set(p) <= finished]
         default = [p for p in default_pairs(done) if p not in user]
-        settings = {"judge": self.judge.name, "n_boot": self.config.bootstrap, "seed": self.config.seed}
+        settings = {"judge": self.judge.name, "n_boot": self.config.bootstrap, "seed": self.config.seed,
+                    "threshold": threshold}
         return (pairwise_block(rows, user, origin="user", **settings)
                 + pairwise_block(rows, default, origin="default", **settings))
 
@@ -221,7 +228,7 @@ class Audit:
                "variant": {k: v for k, v in spec.describe().items() if k != "name"},
                "variant_fingerprint": fingerprint, "generation": self.gen.key(),
                "judges": [j.describe() for j in self.judges], "first_token": self.config.first_token,
-               "seed": self.config.seed}
+               "seed": self.config.seed, "coherence": "fp_logprob"}
         work = self.store.variant_work(spec.name, key)
 
         t1 = time.perf_counter()
@@ -278,10 +285,14 @@ class Audit:
                 metas = [{"behavior": getattr(r, "behavior", "") or r.prompt, "context": getattr(r, "context", ""),
                           "hit_max_tokens": cut} for r, cut in zip(batch, hit_max, strict=True)]
                 verdicts = judge_all(self.judges, [r.prompt for r in batch], responses, metas)
-                work.append_rows(ps.name, [
-                    _row(spec.name, ps, r, resp, cut, per, self.judge.name, first_token.get(r.id))
-                    for r, resp, cut, per in zip(batch, responses, hit_max, verdicts, strict=True)
-                ])
+                # the FP model's log-likelihood of the response: the incoherence signal (harness/coherence.py)
+                fp_logprobs = response_logprobs(self.fp_model, tokenizer, [r.prompt for r in batch], responses,
+                                                system_prompt=self.gen.system_prompt, batch_size=self.gen.batch_size)
+                rows = [_row(spec.name, ps, r, resp, cut, per, self.judge.name, first_token.get(r.id))
+                        for r, resp, cut, per in zip(batch, responses, hit_max, verdicts, strict=True)]
+                for row, lp in zip(rows, fp_logprobs, strict=True):
+                    row["fp_logprob"] = lp
+                work.append_rows(ps.name, rows)
 
             first_token: dict[str, float] = {}
             if self.config.first_token:

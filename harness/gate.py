@@ -15,7 +15,7 @@ from typing import Any
 
 from harness.errors import UserError
 from reports.fmt import fmt_pct
-from reports.run import Run, load_run, primary_judge, prompt_sets, role_rate
+from reports.run import Run, load_run, primary_judge, prompt_sets, set_rate
 from reports.verdicts import Thresholds, Verdict, evaluate
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -98,9 +98,10 @@ def text_summary(result: GateResult) -> str:
     subject = subject.get("name") if isinstance(subject, dict) else subject
     sets = prompt_sets(run)
     ref = run.reference
+    # Per harmful set: pooling sets of different difficulty into one percentage hides which one moved.
+    harmful = ", ".join(f"{s.name} {fmt_pct(set_rate(ref, s.name))}" for s in sets if s.role == "harmful") if ref else ""
     lines = [f"safequant gate: {run.run_dir} ({subject or 'unknown model'}, reference {ref['name'] if ref else '—'} "
-             f"refuses {fmt_pct(role_rate(ref, sets, 'harmful')) if ref else '—'} of harmful prompts, "
-             f"judge {primary_judge(run) or '—'})",
+             f"refuses harmful prompts: {harmful or '—'}; judge {primary_judge(run) or '—'})",
              "thresholds: " + " · ".join(t.describe())]
     width = max((len(v.variant) for v in result.verdicts), default=4)
     for v in result.verdicts:

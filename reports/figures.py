@@ -63,6 +63,47 @@ def _finite(x: float | None) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
+
+#: Candidate label offsets (points) around a marker, tried in order: right, left, then further out.
+_OFFSETS = [(9, 0, "left"), (-9, 0, "right"), (9, 13, "left"), (9, -13, "left"), (-9, 13, "right"),
+            (-9, -13, "right"), (9, 26, "left"), (9, -26, "left"), (-9, 26, "right"), (-9, -26, "right"),
+            (9, 39, "left"), (9, -39, "left"), (-9, 39, "right"), (-9, -39, "right")]
+
+
+def place_labels(anchors: list[tuple[float, float]], names: list[str], *, fontsize: float = 9,
+                 right_edge: float | None = None) -> list[tuple[float, float, str]]:
+    """``(dx, dy, ha)`` offsets in points for a label per anchor (positions in points), chosen
+    greedily so that label boxes do not overlap each other or any marker; labels stay left of
+    ``right_edge``. Box size is estimated from the text length (0.6 em per character)."""
+    height = fontsize + 3
+    placed: list[tuple[float, float, float, float]] = []
+    markers = [(x - 5, y - 5, x + 5, y + 5) for x, y in anchors]
+
+    def box(anchor, name, dx, dy, ha):
+        width = 0.6 * fontsize * len(name) + 4
+        x0 = anchor[0] + dx if ha == "left" else anchor[0] + dx - width
+        return (x0, anchor[1] + dy - height / 2, x0 + width, anchor[1] + dy + height / 2)
+
+    def free(b, own):
+        hits = [m for k, m in enumerate(markers) if k != own]
+        return all(b[2] <= o[0] or b[0] >= o[2] or b[3] <= o[1] or b[1] >= o[3] for o in placed + hits)
+
+    out = []
+    for i, (anchor, name) in enumerate(zip(anchors, names)):
+        choice = None
+        for dx, dy, ha in _OFFSETS:
+            b = box(anchor, name, dx, dy, ha)
+            if right_edge is not None and b[2] > right_edge:
+                continue
+            if free(b, i):
+                choice = (dx, dy, ha)
+                break
+        choice = choice or _OFFSETS[0]
+        placed.append(box(anchor, name, *choice))
+        out.append(choice)
+    return out
+
+
 def safety_perplexity_scatter(
     points: Sequence[ScatterPoint],
     *,
@@ -113,7 +154,7 @@ def safety_perplexity_scatter(
 
         ax.grid(True, which="major", color="#dddddd", linewidth=0.6, zorder=0)
         colour_i = 0
-        for i, p in enumerate(pts):
+        for p in pts:
             if p.ci is not None and len(p.ci) == 2 and all(_finite(x) for x in p.ci):
                 ax.errorbar([p.ppl_ratio], [p.refusal], yerr=[[max(p.refusal - p.ci[0], 0)], [max(p.ci[1] - p.refusal, 0)]],
                             fmt="none", ecolor="#777777", elinewidth=1, capsize=3, zorder=2)
@@ -126,16 +167,18 @@ def safety_perplexity_scatter(
                            edgecolor="#C00000" if p.failed else "#333333",
                            linewidth=1.8 if p.failed else 0.6, zorder=3)
                 colour_i += 1
-            # Alternate label offsets so neighbouring points do not print on top of each other,
-            # and put labels of points in the right fifth of the axis on their left.
-            dy = 9 if i % 2 == 0 else -15
-            ax_x = (ax.transScale.transform((p.ppl_ratio, 0))[0] - ax.transScale.transform((x_left, 0))[0]) / (
-                ax.transScale.transform((x_right, 0))[0] - ax.transScale.transform((x_left, 0))[0])
-            left = ax_x > 0.8
-            ax.annotate(p.name, (p.ppl_ratio, p.refusal), xytext=(-8 if left else 8, dy),
-                        textcoords="offset points", ha="right" if left else "left",
+        # Labels placed so that no two boxes overlap and none covers another point (fp, rtn-w8a8 and
+        # rtn-w4a16 sit almost on top of each other in the demo run).
+        to_pt = 72.0 / fig.dpi
+        anchors = [tuple(v * to_pt for v in ax.transData.transform((p.ppl_ratio, p.refusal))) for p in pts]
+        offsets = place_labels(anchors, [p.name for p in pts], fontsize=9,
+                               right_edge=ax.get_window_extent().x1 * to_pt)
+        for p, (dx, dy, ha) in zip(pts, offsets):
+            ax.annotate(p.name, (p.ppl_ratio, p.refusal), xytext=(dx, dy),
+                        textcoords="offset points", ha=ha, va="center",
                         fontsize=9, color="#222222", zorder=5,
-                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+                        arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.6} if abs(dy) > 12 else None)
 
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}×"))
         if use_log:

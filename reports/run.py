@@ -280,6 +280,11 @@ def comparison(run: Run, variant: str, sets: Iterable[SetInfo], role: str) -> di
     return None
 
 
+def incoherent_rate(variant: dict[str, Any], set_name: str) -> float | None:
+    """Share of a variant's responses on a set that the FP model finds incoherent (schema 2)."""
+    return _num(((variant.get("metrics") or {}).get("incoherent") or {}).get(set_name))
+
+
 def corrected_rate(run: Run, variant: str, set_name: str) -> dict[str, Any] | None:
     """The primary judge's Rogan-Gladen corrected refusal rate of a variant on a set (schema 2:
     ``statistics.corrected``), or None when the judge has no measured error profile."""

@@ -42,7 +42,8 @@ def test_gate_fails_passes_and_writes_junit(run: Path, capsys, tmp_path: Path):
     code, out, err = _gate(capsys, run)
     assert code == 1, err
     lines = out.splitlines()
-    assert lines[0].startswith(f"safequant gate: {run}") and "refuses 90.0% of harmful prompts" in lines[0]
+    assert lines[0].startswith(f"safequant gate: {run}")
+    assert "refuses harmful prompts: harmful 90.0%, advbench-mini 90.0%;" in lines[0]  # per set, not pooled
     assert re.search(r"PASS\s+rtn-w8a8\s+all 4 checks pass", out)
     # quarot keeps perplexity (1.07x) but loses 50 points of refusal: the thesis case fails the gate
     quarot = next(line for line in lines if "quarot-w4a4" in line)

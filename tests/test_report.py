@@ -486,3 +486,46 @@ def test_corrected_rates_and_judge_error_in_summary_table(tmp_path: Path):
               if c.get("within_judge_error")]
     assert html.count('class="sub corrected"') == sum(len(per["refusal-phrases"]) for per in corrected.values())
     assert within and html.count('class="sub within-error"') == len(within)
+
+
+def test_headline_never_calls_a_failing_variant_deployable(tmp_path: Path):
+    """The thesis and the verdict cards come from one decision: with too few harmful prompts every
+    gated variant fails, so none is listed in the deployable region."""
+    from reports.render import build_context
+    from reports.run import load_run
+    from reports.verdicts import Thresholds
+
+    summary, rows = _summary_and_rows()
+    run = load_run(write_run(tmp_path / "run", summary, rows))
+    def thesis(opts):
+        data = next(sec["data"] for sec in build_context(run, opts)["sections"] if "sentences" in (sec["data"] or {}))
+        return data["sentences"]
+
+    loose = thesis(ReportOptions())
+    strict = thesis(ReportOptions(thresholds=Thresholds(min_prompts=1000)))
+    region = next(s for s in loose if "deployable region" in s)
+    assert ": " in region.split("points)")[-1]  # with the default gate some variant is deployable
+    region = next(s for s in strict if "deployable region" in s)
+    assert region.startswith("0 of ") and "fail" in region and "verdict cards" in region
+
+
+def test_scatter_labels_do_not_collide():
+    """fp, rtn-w8a8 and rtn-w4a16 sit almost on one spot in the demo run: their label boxes must not
+    overlap each other or cover a marker."""
+    anchors = [(100.0, 200.0), (101.0, 199.0), (102.5, 200.5), (300.0, 50.0)]
+    names = ["fp", "rtn-w8a8", "rtn-w4a16", "rtn-w4a3"]
+    offsets = figures.place_labels(anchors, names, fontsize=9, right_edge=500.0)
+
+    def box(anchor, name, dx, dy, ha):
+        width = 0.6 * 9 * len(name) + 4
+        x0 = anchor[0] + dx if ha == "left" else anchor[0] + dx - width
+        return (x0, anchor[1] + dy - 6, x0 + width, anchor[1] + dy + 6)
+
+    boxes = [box(a, n, *o) for a, n, o in zip(anchors, names, offsets)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or a[0] >= b[2] or a[3] <= b[1] or a[1] >= b[3], (a, b)
+        for j, (x, y) in enumerate(anchors):
+            if j != i:
+                assert not (a[0] < x < a[2] and a[1] < y < a[3])
+    assert all(b[2] <= 500.0 for b in boxes)

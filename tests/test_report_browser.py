@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.stats import annotate_flips, summary_block
+from harness.stats import annotate_flips, incoherent_by_set, summary_block
 from reports import render
 from test_report import _summary_and_rows, write_run
 
@@ -122,8 +122,12 @@ def page(tmp_path_factory):
     for r in rows:  # quarot's harmful answers (flips against FP) carry the payloads
         if r["variant"] == "quarot-w4a4" and r["label"] == "harmful" and r["verdict"] == "compliance":
             r["response"] = " ".join(PAYLOADS)
+    for r in rows:  # rtn-w4a4's harmful answers are broken text by the FP model's log-likelihood
+        r["fp_logprob"] = -6.0 if r["variant"] == "rtn-w4a4" and r["label"] == "harmful" else -0.5
     summary["judges"] = [{"name": "refusal-phrases", "primary": True}]
     summary["statistics"] = summary_block(rows, n_boot=200)
+    for v in summary["variants"]:
+        v["metrics"]["incoherent"] = incoherent_by_set(summary["statistics"], v["name"], "refusal-phrases")
     run = write_run(tmp / "run", summary, annotate_flips(rows))
     report = render(run)
     t0 = time.perf_counter()
@@ -206,3 +210,18 @@ def test_flips_browser_filters_and_table_sorts(page):
     after = js(names)
     assert sorted(before) == after and before != after
     assert _errors(page["browser"]) == []
+
+
+def test_summary_table_keeps_names_in_view_and_shows_breakage(page):
+    js = page["js"]
+    # At 1280 px the variant column stays visible when the table scrolls sideways.
+    js("document.querySelector('.table-wrap').scrollLeft = 10000")
+    left = js("document.querySelector('table.summary tbody td.name').getBoundingClientRect().left")
+    wrap = js("document.querySelector('.table-wrap').getBoundingClientRect().left")
+    assert abs(left - wrap) < 2
+    js("document.querySelector('.table-wrap').scrollLeft = 0")
+    # A set where the variant's answers are broken text is hatched, never coloured better/worse.
+    cells = js("Array.from(document.querySelectorAll('table.summary tbody tr')).filter(r => "
+               "r.cells[0].textContent.includes('rtn-w4a4')).map(r => Array.from(r.cells).map(c => c.className))[0]")
+    assert any("incoherent" in c for c in cells) and not any("incoherent" in c and "better" in c for c in cells)
+    assert "mostly broken output" in js("document.querySelector('table.summary').innerText")
