@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from harness.judge_validation import gold_refused, judge_items, load_labelled_table, per_source
-from harness.judges import TRAIN_FILE, VALIDATION_FILE, get_judge
-from harness.refusal_model import RULE_FEATURES, SentenceEncoder, default_encoder_dir, rule_features, training_target
+from harness.judges import TRAIN_FILE, get_judge, normalise, opening
+from harness.refusal_model import (DEV_FILE, RULE_FEATURES, STYLES_FILE, SentenceEncoder, default_encoder_dir,
+                                   rule_features, training_target)
 
-STYLES_FILE = Path(__file__).resolve().parents[1] / "harness" / "data" / "judge_styles.jsonl"
-DEV_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "xstest_v2_completions_dev.csv"
 
 
 def _fit_predict(X_tr, y_tr, X_te, C):
@@ -86,6 +84,10 @@ def main() -> None:
             evaluate(f"MiniLM {tokens} tok, LR", emb_dev, emb_own, C)
             evaluate(f"MiniLM {tokens} tok + rules, LR", np.hstack([emb_dev, rules_dev]),
                      np.hstack([emb_own, rules_own]), C)
+            first_dev = enc.encode([opening(normalise(d["response"]), sentences=1) for d in dev])
+            first_own = enc.encode([opening(normalise(o["response"]), sentences=1) for o in own])
+            evaluate(f"MiniLM {tokens} tok + first sentence + rules, LR (the shipped features)",
+                     np.hstack([emb_dev, first_dev, rules_dev]), np.hstack([emb_own, first_own, rules_own]), C)
     print(f"rule features: {', '.join(RULE_FEATURES)}")
 
 

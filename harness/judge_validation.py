@@ -158,15 +158,13 @@ def grouped_cv_predictions(items: Sequence[Mapping[str, Any]], extra: Sequence[M
     y_items = np.array([gold_refused(it) if gold_refused(it) is not None else -1 for it in items])
     y_extra = np.array([training_target(e) for e in extra])
     names = feature_names(encoder.dim)
-    judge = RefusalModelJudge.__new__(RefusalModelJudge)  # a judge around each fold's head, same encoder
-    judge.encoder = encoder
     pred = [0] * len(items)
     groups = [it["group"] for it in items]
     for train_idx, test_idx in GroupKFold(n_splits=folds).split(X_items, groups=groups):
         train_idx = [i for i in train_idx if y_items[i] >= 0]
         X = np.concatenate([X_extra, X_items[train_idx]])
         y = np.concatenate([y_extra, y_items[train_idx]])
-        judge.head = fit_head(X, y, names, C=C, seed=seed)
+        judge = RefusalModelJudge.from_parts(fit_head(X, y, names, C=C, seed=seed), encoder)
         test = [items[i] for i in test_idx]
         for i, v in zip(test_idx, judge.judge_many([t["prompt"] for t in test], [t["response"] for t in test])):
             pred[i] = judged_refused(v)

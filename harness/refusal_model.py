@@ -270,6 +270,13 @@ class RefusalModelJudge(_Judge):
         if name:
             self.name = name
 
+    @classmethod
+    def from_parts(cls, head: RefusalHead, encoder: SentenceEncoder) -> RefusalModelJudge:
+        """A judge around an already loaded encoder (cross-validation trains one head per fold)."""
+        judge = cls.__new__(cls)
+        judge.head, judge.encoder = head, encoder
+        return judge
+
     def describe(self, with_counts: bool = False) -> dict:
         return {**super().describe(), "encoder": self.head.encoder, "head": self.head.digest}
 
