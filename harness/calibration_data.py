@@ -8,6 +8,13 @@ Sources (``CalibrationSpec.source``):
 * ``dataset:ID[:CONFIG]:SPLIT`` through ``datasets.load_dataset`` (e.g.
   ``dataset:Salesforce/wikitext:wikitext-2-raw-v1:train``; needs the Hub or its cache), or a folder
   written by ``datasets.save_to_disk``; the ``text`` column is joined with newlines.
+* ``chat:calibration`` (or ``chat:PROMPT_FILE``): chat-formatted conversations, the benign
+  requests of the built-in calibration prompts (or of a prompt file) in the subject's chat
+  template, each answered by the subject model itself (greedy, :data:`CHAT_RESPONSE_TOKENS` new
+  tokens). No harmful request and no evaluation prompt is used. This is text on which an aligned
+  chat model and its unaligned base do differ (AAQ's contrast; WikiText-style prose gives almost
+  none for a lightly fine-tuned pair), so it needs the model: ``load_calibration(spec, tokenizer,
+  model)``.
 
 ``span`` keeps only a fraction of the characters (``(0.4, 1.0)`` = the last 60%), so that
 calibration and evaluation can share one file without sharing text. Windows of ``seq_len``
@@ -35,10 +42,15 @@ __all__ = [
     "calibration_text",
     "load_calibration_prompts",
     "BUILTIN_CALIBRATION",
+    "CHAT_PREFIX",
     "CALIBRATION_PROMPTS",
 ]
 
-BUILTIN_CALIBRATION = ("toy-pretrain",)
+BUILTIN_CALIBRATION = ("toy-pretrain", "chat:calibration")
+#: Prefix of the chat-formatted, self-answered calibration sources.
+CHAT_PREFIX = "chat:"
+#: New tokens per self-generated answer of a ``chat:`` calibration source.
+CHAT_RESPONSE_TOKENS = 64
 #: Built-in labelled calibration prompts (``scripts/build_calibration_prompts.py``): harmful and
 #: benign requests disjoint from every evaluation set, for prompt-based methods.
 CALIBRATION_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts" / "calibration.jsonl"
@@ -124,10 +136,37 @@ def _dataset_text(source: str) -> str:
     return "\n".join(t for t in ds["text"] if t)
 
 
-def calibration_text(source: str) -> str:
-    """The raw text of a calibration source (see the module docstring)."""
+def _chat_text(source: str, tokenizer, model, seed: int) -> str:
+    """Benign requests in the chat template, each followed by the model's own greedy answer."""
+    from harness.generation import generate_responses
+
+    if model is None or tokenizer is None:
+        raise UserError(f"calibration source {source!r} answers its prompts with the model; "
+                        "it is available where a model is being quantized (quantize, audit)")
+    prompts = [r["prompt"] for r in load_calibration_prompts(source[len(CHAT_PREFIX):] or "calibration")
+               if r["label"] == "benign"]
+    if not prompts:
+        raise UserError(f"calibration source {source!r} has no benign prompts (label 'benign'); "
+                        "give a prompt file with benign requests")
+    random.Random(seed).shuffle(prompts)
+    answers = generate_responses(model, tokenizer, prompts, max_new_tokens=CHAT_RESPONSE_TOKENS)
+    conversations = []
+    for prompt, answer in zip(prompts, answers):
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            conversations.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            conversations.append(f"{prompt}\n{answer}")
+    return "\n".join(conversations)
+
+
+def calibration_text(source: str, tokenizer=None, model=None, seed: int = 0) -> str:
+    """The raw text of a calibration source (see the module docstring); ``chat:`` sources need
+    the tokenizer and the model that answers the prompts."""
     if source == "toy-pretrain":
         return _toy_pretrain_text()
+    if source.startswith(CHAT_PREFIX):
+        return _chat_text(source, tokenizer, model, seed)
     if source.startswith("dataset:"):
         return _dataset_text(source)
     path = Path(source).expanduser()
@@ -140,9 +179,10 @@ def calibration_text(source: str) -> str:
         raise UserError(f"calibration text {source!r} is not UTF-8 text: convert it to UTF-8") from None
 
 
-def load_calibration(spec: CalibrationSpec, tokenizer) -> CalibrationData:
-    """Draw ``spec.n_samples`` token windows from the source text (see :class:`CalibrationSpec`)."""
-    text = calibration_text(spec.source)
+def load_calibration(spec: CalibrationSpec, tokenizer, model=None) -> CalibrationData:
+    """Draw ``spec.n_samples`` token windows from the source text (see :class:`CalibrationSpec`);
+    ``model`` answers the prompts of a ``chat:`` source."""
+    text = calibration_text(spec.source, tokenizer, model, spec.seed)
     source_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     lo, hi = spec.span
     text = text[int(lo * len(text)): int(hi * len(text))]
