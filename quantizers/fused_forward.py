@@ -139,7 +139,8 @@ class FusedTransformForward:
     module docstring). Use :meth:`installed` around the training loop and :meth:`logits` per step.
 
     ``weight_scheme``: fake-quantize (straight-through) the weights of the Linears it does not
-    skip inside the decoder layers. ``checkpoint``: recompute each layer in the backward pass.
+    skip inside the decoder layers. ``use_checkpoint``: recompute each layer in the backward pass.
+    ``autocast``: the dtype to autocast the forward to (None: as the model is).
     """
 
     def __init__(
@@ -156,37 +157,42 @@ class FusedTransformForward:
         self.use_checkpoint = use_checkpoint
         self.autocast = autocast
         self.rotations = _chain_rotations(chains)
-        owner = {}
-        for li, lp in enumerate(parts.layers):
-            layer = parts.model.model.layers[li]
-            for name, module in layer.named_modules():
-                owner[id(module)] = (li, f"{lp.prefix}.{name}" if name else lp.prefix)
+        #: id(module) -> (decoder layer index, qualified name), for every module inside a layer
+        self._owner = {id(module): (li, f"{lp.prefix}.{name}" if name else lp.prefix)
+                       for li, lp in enumerate(parts.layers)
+                       for name, module in parts.model.model.layers[li].named_modules()}
         self.layer_chains: list[list[ParamChain]] = [[] for _ in parts.layers]
         self.embed_chain: ParamChain | None = None
         self.head_chain: ParamChain | None = None
         self.other_chains: list[ParamChain] = []
-        head_reads_quantized = isinstance(parts.lm_head, QuantLinear) and parts.lm_head.a_bits < 16
         for chain in chains:
-            if id(chain.module) in owner:
-                self.layer_chains[owner[id(chain.module)][0]].append(chain)
-            elif chain.module is parts.embed and chain.param == "weight" and _input_side_only(chain):
-                self.embed_chain = chain
-            elif (chain.module is parts.lm_head and chain.param == "weight" and _input_side_only(chain)
-                  and not head_reads_quantized):
-                self.head_chain = chain
-            else:
-                self.other_chains.append(chain)
-        self.quantized_weights: list[list[tuple[nn.Module, ParamChain | None]]] = []
-        for li, layer in enumerate(parts.model.model.layers):
-            by_module = {(id(c.module), c.param): c for c in self.layer_chains[li]}
-            entries = []
-            if self.weight_scheme is not None:
-                for name, module in layer.named_modules():
-                    qualified = owner[id(module)][1]
-                    if isinstance(module, (nn.Linear, QuantLinear)) and not self.weight_scheme.skips(qualified):
-                        entries.append((module, by_module.get((id(module), "weight"))))
-            self.quantized_weights.append(entries)
+            self._route(chain)
+        #: per layer: (Linear whose weight is fake-quantized, the chain of that weight or None)
+        self.quantized_weights = [self._quantized_in(li) for li in range(len(parts.layers))]
         self._matrices: list[torch.Tensor] = []
+
+    def _route(self, chain: ParamChain) -> None:
+        """File a chain under the mechanism that applies it (see the module docstring)."""
+        parts = self.parts
+        head_reads_quantized = isinstance(parts.lm_head, QuantLinear) and parts.lm_head.a_bits < 16
+        if id(chain.module) in self._owner:
+            self.layer_chains[self._owner[id(chain.module)][0]].append(chain)
+        elif chain.module is parts.embed and chain.param == "weight" and _input_side_only(chain):
+            self.embed_chain = chain
+        elif (chain.module is parts.lm_head and chain.param == "weight" and _input_side_only(chain)
+              and not head_reads_quantized):
+            self.head_chain = chain
+        else:
+            self.other_chains.append(chain)
+
+    def _quantized_in(self, li: int) -> list[tuple[nn.Module, ParamChain | None]]:
+        if self.weight_scheme is None:
+            return []
+        weight_chains = {id(c.module): c for c in self.layer_chains[li] if c.param == "weight"}
+        return [(module, weight_chains.get(id(module)))
+                for module in self.parts.model.model.layers[li].modules()
+                if isinstance(module, (nn.Linear, QuantLinear))
+                and not self.weight_scheme.skips(self._owner[id(module)][1])]
 
     # ------------------------------------------------------------------ per layer
     def _layer_swaps(self, li: int) -> list[Swap]:
