@@ -8,6 +8,13 @@ Sources (``CalibrationSpec.source``):
 * ``dataset:ID[:CONFIG]:SPLIT`` through ``datasets.load_dataset`` (e.g.
   ``dataset:Salesforce/wikitext:wikitext-2-raw-v1:train``; needs the Hub or its cache), or a folder
   written by ``datasets.save_to_disk``; the ``text`` column is joined with newlines.
+* ``chat:calibration`` (or ``chat:PROMPT_FILE``): chat-formatted conversations, the benign
+  requests of the built-in calibration prompts (or of a prompt file) in the subject's chat
+  template, each answered by the subject model itself (greedy, :data:`CHAT_RESPONSE_TOKENS` new
+  tokens), in seeded order, until the text holds twice the tokens of the windows. No harmful request and no evaluation prompt is used. This is text on which an aligned
+  chat model and its unaligned base do differ (AAQ's contrast; WikiText-style prose gives almost
+  none for a lightly fine-tuned pair), so it needs the model: ``load_calibration(spec, tokenizer,
+  model)``.
 
 ``span`` keeps only a fraction of the characters (``(0.4, 1.0)`` = the last 60%), so that
 calibration and evaluation can share one file without sharing text. Windows of ``seq_len``
@@ -36,10 +43,15 @@ __all__ = [
     "calibration_text",
     "load_calibration_prompts",
     "BUILTIN_CALIBRATION",
+    "CHAT_PREFIX",
     "CALIBRATION_PROMPTS",
 ]
 
-BUILTIN_CALIBRATION = ("toy-pretrain",)
+BUILTIN_CALIBRATION = ("toy-pretrain", "chat:calibration")
+#: Prefix of the chat-formatted, self-answered calibration sources.
+CHAT_PREFIX = "chat:"
+#: New tokens per self-generated answer of a ``chat:`` calibration source.
+CHAT_RESPONSE_TOKENS = 64
 #: Built-in labelled calibration prompts (``scripts/build_calibration_prompts.py``): harmful and
 #: benign requests disjoint from every evaluation set, for prompt-based methods.
 CALIBRATION_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts" / "calibration.jsonl"
@@ -125,10 +137,44 @@ def _dataset_text(source: str) -> str:
     return "\n".join(t for t in ds["text"] if t)
 
 
-def calibration_text(source: str) -> str:
-    """The raw text of a calibration source (see the module docstring)."""
+def _chat_text(source: str, tokenizer, model, seed: int, min_tokens: int | None = None) -> str:
+    """Benign requests in the chat template, each followed by the model's own greedy answer; with
+    ``min_tokens``, only as many requests (in seeded order, 32 at a time) as give that many tokens."""
+    from harness.generation import generate_responses
+
+    if model is None or tokenizer is None:
+        raise UserError(f"calibration source {source!r} answers its prompts with the model; "
+                        "it is available where a model is being quantized (quantize, audit)")
+    prompts = [r["prompt"] for r in load_calibration_prompts(source[len(CHAT_PREFIX):] or "calibration")
+               if r["label"] == "benign"]
+    if not prompts:
+        raise UserError(f"calibration source {source!r} has no benign prompts (label 'benign'); "
+                        "give a prompt file with benign requests")
+    random.Random(seed).shuffle(prompts)
+    conversations: list[str] = []
+    tokens = 0
+    for start in range(0, len(prompts), 32):
+        chunk = prompts[start: start + 32]
+        answers = generate_responses(model, tokenizer, chunk, max_new_tokens=CHAT_RESPONSE_TOKENS)
+        for prompt, answer in zip(chunk, answers):
+            if getattr(tokenizer, "chat_template", None):
+                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+                conversations.append(tokenizer.apply_chat_template(messages, tokenize=False))
+            else:
+                conversations.append(f"{prompt}\n{answer}")
+            tokens += len(tokenizer(conversations[-1], add_special_tokens=False)["input_ids"])
+        if min_tokens is not None and tokens >= min_tokens:
+            break
+    return "\n".join(conversations)
+
+
+def calibration_text(source: str, tokenizer=None, model=None, seed: int = 0, min_tokens: int | None = None) -> str:
+    """The raw text of a calibration source (see the module docstring); ``chat:`` sources need
+    the tokenizer and the model that answers the prompts, and stop once they hold ``min_tokens``."""
     if source == "toy-pretrain":
         return _toy_pretrain_text()
+    if source.startswith(CHAT_PREFIX):
+        return _chat_text(source, tokenizer, model, seed, min_tokens)
     if source.startswith("dataset:"):
         return _dataset_text(source)
     path = Path(source).expanduser()
@@ -141,9 +187,11 @@ def calibration_text(source: str) -> str:
         raise UserError(f"calibration text {source!r} is not UTF-8 text: convert it to UTF-8") from None
 
 
-def load_calibration(spec: CalibrationSpec, tokenizer) -> CalibrationData:
-    """Draw ``spec.n_samples`` token windows from the source text (see :class:`CalibrationSpec`)."""
-    text = calibration_text(spec.source)
+def load_calibration(spec: CalibrationSpec, tokenizer, model=None) -> CalibrationData:
+    """Draw ``spec.n_samples`` token windows from the source text (see :class:`CalibrationSpec`);
+    ``model`` answers the prompts of a ``chat:`` source."""
+    # A chat source answers only as many requests as give twice the tokens the windows need.
+    text = calibration_text(spec.source, tokenizer, model, spec.seed, min_tokens=2 * spec.n_samples * spec.seq_len)
     source_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     lo, hi = spec.span
     text = text[int(lo * len(text)): int(hi * len(text))]

@@ -193,7 +193,7 @@ def quantize_variant(method: str, scheme: QuantScheme, options: dict[str, Any], 
     ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=subject.model, base_model=base.model,
                        device=next(subject.model.parameters()).device, seed=seed, probe_model=probe_model)
     if getattr(cls, "requires_calibration", False):
-        calibration = load_calibration(calib.spec(subject.source.kind, seed), subject.tokenizer)
+        calibration = load_calibration(calib.spec(subject.source.kind, seed), subject.tokenizer, subject.model)
         ctx.calibration_batches = calibration.batches
     prompt_meta = None
     if getattr(cls, "uses_calibration_prompts", False):

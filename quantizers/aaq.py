@@ -20,6 +20,7 @@ Costs two frozen full-precision models (FT reference, PT base) plus the one bein
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -28,10 +29,21 @@ import torch
 from torch import nn
 
 from .base import QuantContext, QuantizerError, register_quantizer
-from .losses import contrastive_alignment_loss
+from .losses import SubsetTarget, contrast_diagnostic, contrastive_from_targets, contrastive_targets
 from .ost import OSTOptions, OSTQuantizer
+from .scheme import QuantScheme
 
-__all__ = ["AAQOptions", "AAQQuantizer", "check_model_pair"]
+__all__ = ["AAQOptions", "AAQQuantizer", "check_model_pair", "WEAK_CONTRAST_TV"]
+
+log = logging.getLogger(__name__)
+
+#: Mean total-variation distance between FT's and PT's next-token distributions on the
+#: calibration data below which AAQ warns that the push term has nothing to push on. Measured
+#: (bench/bench_contrast.py, 2,048 tokens each): toy-chat/toy-base 0.33 on toy-pretrain and 0.73
+#: on chat:calibration; smollm2-135m-instruct/its refusal-ablated copy 0.17 on WikiText-2 and
+#: 0.16 on chat:calibration; FT against its own copy 0. The floor sits well below the weakest
+#: real pair measured and well above the no-contrast control (docs/quantizers.md).
+WEAK_CONTRAST_TV = 0.05
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ class AAQQuantizer(OSTQuantizer):
     #: The push term is unbounded; when it wins, the pull term (distance from FT) explodes first:
     #: at alpha 1.5 on the toy pair pull grew 20x while push grew 4.8x and perplexity 7.6x.
     guard_terms: ClassVar[tuple[str, ...]] = ("push", "pull")
+    #: Per-batch contrast shown with the loss terms on the progress bar (and in the curves).
+    step_diagnostics: ClassVar[tuple[str, ...]] = ("tv",)
 
     def frozen_models(self, model: nn.Module, ctx: QuantContext) -> dict[str, nn.Module]:
         check_model_pair(model, ctx.base_model)
@@ -99,12 +113,38 @@ class AAQQuantizer(OSTQuantizer):
             raise QuantizerError("aaq's base model is the subject itself; pass the unaligned pre-trained base model")
         return {**frozen, "base": ctx.base_model}
 
-    def loss(
-        self, q_logits: torch.Tensor, frozen: Mapping[str, torch.Tensor], attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, Mapping[str, float]]:
+    def batch_targets(
+        self, logits: Mapping[str, torch.Tensor], attention_mask: torch.Tensor | None
+    ) -> tuple[dict[str, SubsetTarget], dict[str, float]]:
         opts: AAQOptions = self.options
-        return contrastive_alignment_loss(
-            q_logits, frozen["ref"], frozen["base"], alpha=opts.alpha, k=opts.k, k_pull=opts.k_pull,
-            diff_space=opts.diff_space, renormalize=opts.renormalize, push_set=opts.push_set,
-            attention_mask=attention_mask,
-        )
+        targets = contrastive_targets(logits["ref"], logits["base"], k=opts.k, k_pull=opts.k_pull,
+                                      diff_space=opts.diff_space, renormalize=opts.renormalize, push_set=opts.push_set)
+        diagnostic = contrast_diagnostic(logits["ref"], logits["base"], targets["push"].index, k=opts.k,
+                                         attention_mask=attention_mask)
+        return targets, diagnostic
+
+    def loss(
+        self, q_logits: torch.Tensor, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Mapping[str, float]]:
+        return contrastive_from_targets(q_logits, targets, alpha=self.options.alpha, attention_mask=attention_mask)
+
+    def summarize_targets(self, diagnostics: list[dict[str, float]]) -> None:
+        """Record the FT/PT contrast of the calibration data and warn (once) when it is too weak."""
+        contrast = {key: round(sum(d[key] for d in diagnostics) / len(diagnostics), 6) for key in diagnostics[0]}
+        contrast["weak_below_tv"] = WEAK_CONTRAST_TV
+        contrast["weak"] = contrast["tv"] < WEAK_CONTRAST_TV
+        self.metadata["contrast"] = contrast
+        if contrast["weak"]:
+            log.warning(
+                "aaq: FT and PT barely differ on this calibration data (mean total variation %.3f < %.2f; top-1 "
+                "differs at %.1f%% of tokens): the push term can hardly steer anything. Calibrate on text where "
+                "they differ, e.g. --calib-text chat:calibration", contrast["tv"], WEAK_CONTRAST_TV,
+                100 * contrast["top1_differs"],
+            )
+
+    def quantize(self, model: nn.Module, scheme: QuantScheme, ctx: QuantContext) -> nn.Module:
+        model = super().quantize(model, scheme, ctx)
+        ratios = self.metadata["calibration"]["curves"].get("push_pull", [])
+        if ratios:
+            self.metadata["contrast"]["push_pull_mean"] = round(sum(ratios) / len(ratios), 6)
+        return model

@@ -276,8 +276,9 @@ def _gptq_pass(
     transforms: Mapping[str, nn.Module],
     progress: Callable[[str, int, int], None] | None,
     stats: dict,
-) -> dict[str, torch.Tensor]:
-    """GPTQ weights of every target inside the decoder stack, layer by layer (see module doc)."""
+) -> set[str]:
+    """GPTQ weights of every target inside the decoder stack, layer by layer (see module doc),
+    written into the targets' weights in place; returns the names of the targets it quantized."""
     from tqdm.auto import tqdm
 
     layers = decoder_layers(model)
@@ -285,7 +286,7 @@ def _gptq_pass(
     masks = _token_masks(batches)
     inputs = capture_layer_inputs(model, batches, 0)
     hidden = inputs.hidden
-    qweights: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
     tokens = 0
     bar = tqdm(total=len(layers), desc="gptq", unit="layer", leave=False)
     try:
@@ -308,19 +309,17 @@ def _gptq_pass(
                     tokens = max(tokens, hess.count)
                     stacked = torch.cat([targets[n].weight.detach() for n in members], dim=0)
                     q = gptq_quantize(stacked, hess.value(), scheme, options)
-                    for n, part in zip(members, q.split([targets[n].weight.shape[0] for n in members], dim=0)):
-                        qweights[n] = part
+                    del stacked
+                    # Written in place at once: no second copy of every weight until the end.
+                    with torch.no_grad():
+                        for n, part in zip(members, q.split([targets[n].weight.shape[0] for n in members], dim=0)):
+                            targets[n].weight.copy_(part.to(targets[n].weight.dtype))
+                            done.add(n)
+                    del q
                 hooks.hessians = []
                 # This layer's outputs with its quantized weights feed the next layer.
                 hooks.collect = False
-                originals = {n: targets[n].weight.data for members in groups.values() for n in members}
-                try:
-                    for n in originals:
-                        targets[n].weight.data = qweights[n].to(originals[n].dtype)
-                    hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, inputs.kwargs)]
-                finally:
-                    for n, data in originals.items():
-                        targets[n].weight.data = data
+                hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, inputs.kwargs)]
             finally:
                 hooks.remove()
             bar.update(1)
@@ -328,8 +327,8 @@ def _gptq_pass(
                 progress("gptq", li + 1, len(layers))
     finally:
         bar.close()
-    stats.update({"layers": len(layers), "gptq_linears": len(qweights), "calibration_tokens": tokens})
-    return qweights
+    stats.update({"layers": len(layers), "gptq_linears": len(done), "calibration_tokens": tokens})
+    return done
 
 
 # ---------------------------------------------------------------------- the shared weight step
@@ -378,20 +377,20 @@ def quantize_weights(
         _check_wrapped(model, targets, wrapped, transforms)
     started = time.perf_counter()
     rtn = RTNQuantizer(opts)
-    qweights: dict[str, torch.Tensor] = {}
+    gptq_done: set[str] = set()
     if method == "gptq" and scheme.quantizes_weights:
         saved = {n: targets[n].a_bits for n in wrapped}
         try:
             for n in wrapped:  # FP activations during calibration
                 targets[n].a_bits = 16
-            qweights = _gptq_pass(model, scheme, targets, batches, opts, transforms, progress, stats)
+            gptq_done = _gptq_pass(model, scheme, targets, batches, opts, transforms, progress, stats)
         finally:
             for n, bits in saved.items():
                 targets[n].a_bits = bits
 
     def weight_fn(name: str, linear: nn.Module, scheme: QuantScheme) -> torch.Tensor:
-        if name in qweights:
-            return qweights[name]
+        if name in gptq_done:
+            return linear.weight.detach()  # already GPTQ-rounded in place
         if method == "gptq" and scheme.quantizes_weights:
             log.info("GPTQ: %s is outside the decoder layers; RTN weights", name)
         return rtn.weight(name, linear, scheme)
@@ -399,6 +398,7 @@ def quantize_weights(
     if wrapped:
         done = _requantize_wrapped(targets, scheme, weight_fn, transforms, progress)
     else:
+        del targets  # let quantize_linear_layers release each replaced Linear
         done = quantize_linear_layers(model, scheme, weight_fn, input_transforms=transforms, progress=progress)
     stats["seconds"] = round(time.perf_counter() - started, 3)
     return done

@@ -22,6 +22,9 @@ for the pull term, and pushing on the PT model's own top-K.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,7 +32,19 @@ import torch.nn.functional as F
 
 from .base import QuantizerError
 
-__all__ = ["subset_kl", "kl_top_loss", "contrastive_alignment_loss"]
+__all__ = [
+    "subset_log_probs",
+    "subset_kl_from_log_probs",
+    "subset_kl",
+    "SubsetTarget",
+    "kl_top_targets",
+    "kl_top_from_targets",
+    "kl_top_loss",
+    "contrastive_targets",
+    "contrastive_from_targets",
+    "contrastive_alignment_loss",
+    "contrast_diagnostic",
+]
 
 
 def _masked_mean(values: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -45,6 +60,24 @@ def _masked_mean(values: torch.Tensor, attention_mask: torch.Tensor | None) -> t
     return (values * mask).sum() / total
 
 
+def subset_log_probs(logits: torch.Tensor, index: torch.Tensor, *, renormalize: bool = True) -> torch.Tensor:
+    """``log p^S`` at the vocabulary subset ``index`` ``[..., K]``: the log-softmax of the gathered
+    logits (``renormalize``), or the full-vocabulary log-softmax gathered at S."""
+    logits = logits.float()
+    if renormalize:
+        return F.log_softmax(logits.gather(-1, index), dim=-1)
+    return F.log_softmax(logits, dim=-1).gather(-1, index)
+
+
+def subset_kl_from_log_probs(
+    log_p: torch.Tensor, q_logits: torch.Tensor, index: torch.Tensor, *, renormalize: bool = True
+) -> torch.Tensor:
+    """Per-position ``KL(p^S || p_q^S)`` from the target's cached subset log-probabilities ``log_p``
+    (:func:`subset_log_probs`): all a frozen model has to leave behind for the loss."""
+    log_q = subset_log_probs(q_logits, index.long(), renormalize=renormalize)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def subset_kl(
     target_logits: torch.Tensor,
     q_logits: torch.Tensor,
@@ -57,15 +90,8 @@ def subset_kl(
     With ``renormalize=False`` the full-vocabulary probabilities are gathered at S and used as
     they are (the authors' code variant; not a true KL, it can be negative).
     """
-    target = target_logits.float()
-    q = q_logits.float()
-    if renormalize:
-        log_p = F.log_softmax(target.gather(-1, index), dim=-1)
-        log_q = F.log_softmax(q.gather(-1, index), dim=-1)
-    else:
-        log_p = F.log_softmax(target, dim=-1).gather(-1, index)
-        log_q = F.log_softmax(q, dim=-1).gather(-1, index)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    log_p = subset_log_probs(target_logits, index, renormalize=renormalize)
+    return subset_kl_from_log_probs(log_p, q_logits, index, renormalize=renormalize)
 
 
 def _check_logits(name: str, logits: torch.Tensor, like: torch.Tensor) -> None:
@@ -82,6 +108,52 @@ def _check_k(k: int, vocab: int, what: str) -> int:
     return min(k, vocab)
 
 
+@dataclass(frozen=True)
+class SubsetTarget:
+    """What a frozen model leaves behind for one subset-KL term of one calibration batch: the
+    subset ``index`` ``[batch, seq, K]`` (int32: half of int64's memory) and the frozen model's
+    subset log-probabilities ``log_p`` there (:func:`subset_log_probs`). Computed once per batch,
+    so the frozen models need not stay in memory or run again while the transforms train."""
+
+    index: torch.Tensor
+    log_p: torch.Tensor
+    renormalize: bool = True
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, index: torch.Tensor, renormalize: bool) -> SubsetTarget:
+        return cls(index.to(torch.int32), subset_log_probs(logits, index, renormalize=renormalize), renormalize)
+
+    def kl(self, q_logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``KL(p^S || p_q^S)`` averaged over the unmasked positions."""
+        if tuple(self.index.shape[:-1]) != tuple(q_logits.shape[:-1]):
+            raise QuantizerError(
+                f"cached targets cover positions {tuple(self.index.shape[:-1])} but the quantized model's logits "
+                f"{tuple(q_logits.shape[:-1])}: targets and batches are out of step"
+            )
+        per_position = subset_kl_from_log_probs(self.log_p, q_logits, self.index, renormalize=self.renormalize)
+        return _masked_mean(per_position, attention_mask)
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.numel() * self.index.element_size() + self.log_p.numel() * self.log_p.element_size()
+
+
+@torch.no_grad()
+def kl_top_targets(ref_logits: torch.Tensor, *, k: int = 500, renormalize: bool = True) -> dict[str, SubsetTarget]:
+    """KL-top's cached targets of one batch: the reference's top-``k`` tokens and log-probabilities."""
+    k = _check_k(k, ref_logits.shape[-1], "k")
+    top = ref_logits.topk(k, dim=-1).indices
+    return {"top": SubsetTarget.of(ref_logits, top, renormalize)}
+
+
+def kl_top_from_targets(
+    q_logits: torch.Tensor, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """KL-top from cached targets (:func:`kl_top_targets`): ``(loss, {"kl_top": value})``."""
+    loss = targets["top"].kl(q_logits, attention_mask)
+    return loss, {"kl_top": float(loss.detach())}
+
+
 def kl_top_loss(
     q_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -93,11 +165,59 @@ def kl_top_loss(
     """OSTQuant's KL-top loss: ``KL(p_ref || p_q)`` on the reference model's top-``k`` tokens,
     averaged over unmasked positions. Returns ``(loss, {"kl_top": value})``."""
     _check_logits("reference", ref_logits, q_logits)
-    k = _check_k(k, q_logits.shape[-1], "k")
-    with torch.no_grad():
-        top = ref_logits.topk(k, dim=-1).indices
-    loss = _masked_mean(subset_kl(ref_logits.detach(), q_logits, top, renormalize=renormalize), attention_mask)
-    return loss, {"kl_top": float(loss.detach())}
+    targets = kl_top_targets(ref_logits.detach(), k=k, renormalize=renormalize)
+    return kl_top_from_targets(q_logits, targets, attention_mask)
+
+
+@torch.no_grad()
+def contrastive_targets(
+    ft_logits: torch.Tensor,
+    pt_logits: torch.Tensor,
+    *,
+    k: int = 500,
+    k_pull: int | None = None,
+    diff_space: Literal["prob", "logit"] = "prob",
+    renormalize: bool = True,
+    push_set: Literal["diff", "pt_top"] = "diff",
+) -> dict[str, SubsetTarget]:
+    """AAQ's cached targets of one batch: FT's top-K with FT's log-probabilities (``pull``) and the
+    push set (S_diff, or PT's top-K) with PT's log-probabilities (``push``)."""
+    _check_logits("PT (base)", pt_logits, ft_logits)
+    if diff_space not in ("prob", "logit"):
+        raise QuantizerError(f"diff_space must be 'prob' or 'logit', got {diff_space!r}")
+    if push_set not in ("diff", "pt_top"):
+        raise QuantizerError(f"push_set must be 'diff' or 'pt_top', got {push_set!r}")
+    vocab = ft_logits.shape[-1]
+    k = _check_k(k, vocab, "k")
+    k_pull = _check_k(k if k_pull is None else k_pull, vocab, "k_pull")
+    ft, pt = ft_logits.float(), pt_logits.float()
+    s_top = ft.topk(k_pull, dim=-1).indices
+    if push_set == "pt_top":
+        s_push = pt.topk(k, dim=-1).indices
+    elif diff_space == "prob":
+        s_push = (ft.softmax(-1) - pt.softmax(-1)).abs().topk(k, dim=-1).indices
+    else:
+        s_push = (ft - pt).abs().topk(k, dim=-1).indices
+    return {"pull": SubsetTarget.of(ft, s_top, renormalize), "push": SubsetTarget.of(pt, s_push, renormalize)}
+
+
+def contrastive_from_targets(
+    q_logits: torch.Tensor,
+    targets: Mapping[str, SubsetTarget],
+    *,
+    alpha: float = 0.75,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """AAQ's loss from cached targets (:func:`contrastive_targets`): ``(loss, {"pull", "push",
+    "push_pull"})``. ``push_pull`` (push / pull) close to 1 at every step is the sign of a weak
+    contrast: the push term then only rescales the pull term (:func:`contrast_diagnostic`)."""
+    if alpha < 0:
+        raise QuantizerError(f"alpha must be >= 0, got {alpha}")
+    pull = targets["pull"].kl(q_logits, attention_mask)
+    push = targets["push"].kl(q_logits, attention_mask)
+    loss = pull - alpha * push
+    pull_v, push_v = float(pull.detach()), float(push.detach())
+    return loss, {"pull": pull_v, "push": push_v, "push_pull": push_v / pull_v if pull_v > 0 else math.inf}
 
 
 def contrastive_alignment_loss(
@@ -117,30 +237,46 @@ def contrastive_alignment_loss(
 
     ``k`` sizes S_diff (and S_top unless ``k_pull`` is given); ``diff_space`` ranks S_diff by
     ``|p_FT - p_PT|`` (``"prob"``, the default) or ``|logit_FT - logit_PT|``; ``push_set="pt_top"``
-    pushes on the PT model's top-K instead. Returns ``(loss, {"pull": ..., "push": ...})``, both
-    terms averaged over unmasked positions.
+    pushes on the PT model's top-K instead. Returns ``(loss, {"pull", "push", "push_pull"})``,
+    the terms averaged over unmasked positions.
     """
     _check_logits("FT", ft_logits, q_logits)
     _check_logits("PT (base)", pt_logits, q_logits)
     if alpha < 0:
         raise QuantizerError(f"alpha must be >= 0, got {alpha}")
-    if diff_space not in ("prob", "logit"):
-        raise QuantizerError(f"diff_space must be 'prob' or 'logit', got {diff_space!r}")
-    if push_set not in ("diff", "pt_top"):
-        raise QuantizerError(f"push_set must be 'diff' or 'pt_top', got {push_set!r}")
-    vocab = q_logits.shape[-1]
-    k = _check_k(k, vocab, "k")
-    k_pull = _check_k(k if k_pull is None else k_pull, vocab, "k_pull")
-    ft, pt = ft_logits.detach().float(), pt_logits.detach().float()
-    with torch.no_grad():
-        s_top = ft.topk(k_pull, dim=-1).indices
-        if push_set == "pt_top":
-            s_push = pt.topk(k, dim=-1).indices
-        elif diff_space == "prob":
-            s_push = (ft.softmax(-1) - pt.softmax(-1)).abs().topk(k, dim=-1).indices
-        else:
-            s_push = (ft - pt).abs().topk(k, dim=-1).indices
-    pull = _masked_mean(subset_kl(ft, q_logits, s_top, renormalize=renormalize), attention_mask)
-    push = _masked_mean(subset_kl(pt, q_logits, s_push, renormalize=renormalize), attention_mask)
-    loss = pull - alpha * push
-    return loss, {"pull": float(pull.detach()), "push": float(push.detach())}
+    targets = contrastive_targets(ft_logits.detach(), pt_logits.detach(), k=k, k_pull=k_pull, diff_space=diff_space,
+                                  renormalize=renormalize, push_set=push_set)
+    return contrastive_from_targets(q_logits, targets, alpha=alpha, attention_mask=attention_mask)
+
+
+@torch.no_grad()
+def contrast_diagnostic(
+    ft_logits: torch.Tensor,
+    pt_logits: torch.Tensor,
+    s_diff: torch.Tensor,
+    *,
+    k: int = 500,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """How much FT and PT disagree on one batch, i.e. how much the push term can steer:
+
+    * ``top1_differs``: share of positions where FT's and PT's most likely tokens differ;
+    * ``topk_differs``: mean share of FT's top-``k`` tokens missing from PT's top-``k``;
+    * ``sdiff_abs_diff``: mean ``|p_FT - p_PT|`` over the S_diff entries ``s_diff``;
+    * ``tv``: mean total-variation distance ``0.5 * sum_v |p_FT - p_PT|`` (0: the same
+      distribution, 1: disjoint ones): the share of next-token probability the models place differently.
+
+    Means over unmasked positions, as plain floats (progress log and variant.json).
+    """
+    k = _check_k(k, ft_logits.shape[-1], "k")
+    p_ft, p_pt = ft_logits.float().softmax(-1), pt_logits.float().softmax(-1)
+    diff = (p_ft - p_pt).abs()
+    ft_top, pt_top = ft_logits.topk(k, dim=-1).indices, pt_logits.topk(k, dim=-1).indices
+    in_pt_top = torch.zeros_like(p_pt, dtype=torch.bool).scatter_(-1, pt_top, True)
+    per_position = {
+        "top1_differs": (ft_top[..., 0] != pt_top[..., 0]).float(),
+        "topk_differs": 1.0 - in_pt_top.gather(-1, ft_top).float().mean(-1),
+        "sdiff_abs_diff": diff.gather(-1, s_diff.long()).mean(-1),
+        "tv": 0.5 * diff.sum(-1),
+    }
+    return {key: float(_masked_mean(v, attention_mask)) for key, v in per_position.items()}

@@ -234,6 +234,7 @@ def quantize_linear_layers(
     *,
     input_transforms: Mapping[str, nn.Module] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    wrap_all: bool = False,
 ) -> list[str]:
     """Replace every ``nn.Linear`` not skipped by ``scheme`` with a :class:`QuantLinear`, in place.
 
@@ -245,22 +246,24 @@ def quantize_linear_layers(
     :func:`default_weight_fn`, round to nearest). Skipped modules (``scheme.skip``, by default
     ``lm_head``) are left untouched, and embedding weights are never modified, also when the
     output head shares (ties) them. Returns the names of the replaced modules. Does nothing when
-    the scheme quantizes neither weights nor activations.
+    the scheme quantizes neither weights nor activations, unless ``wrap_all`` (a transform method
+    training against weight-only quantization still needs the online input transforms in place).
     """
     scheme = QuantScheme.coerce(scheme)
-    if not scheme.quantizes_linears:
+    if not (scheme.quantizes_linears or wrap_all):
         return []
     if any(True for _ in iter_quant_linears(model)):
         raise QuantizerError("model already contains QuantLinear layers; quantize a fresh full-precision copy")
     weight_fn = weight_fn or default_weight_fn
     embedding_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    # Names only: each replaced Linear is released as soon as its QuantLinear is in place, so the
+    # peak is the model plus one layer, not two copies of every weight.
     targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not scheme.skips(name)
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not scheme.skips(name)
     ]
     replaced = []
-    for i, (name, linear) in enumerate(targets):
+    for i, name in enumerate(targets):
+        linear = model.get_submodule(name)
         if linear.weight.data_ptr() in embedding_ptrs:
             log.warning(
                 "%s shares its weight with an input embedding; the quantized copy unties them "

@@ -29,7 +29,7 @@ Subclasses change only the loss: :meth:`OSTQuantizer.frozen_models` and
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,12 +41,14 @@ from torch.nn.utils import parametrize
 
 from .base import QuantContext, QuantizerError, register_quantizer
 from .calibration import DivergenceGuard, model_inputs, run_calibration
-from .losses import kl_top_loss
+from .fused_forward import FusedTransformForward, autocast_dtype
+from .losses import SubsetTarget, kl_top_from_targets, kl_top_targets
 from .modules import quantize_linear_layers
 from .quarot import hadamard_rotations
 from .scheme import QuantScheme
 from .transforms import (
     ChainBuilder,
+    ModelParts,
     OnlineOp,
     Scale,
     TransformQuantizer,
@@ -54,7 +56,6 @@ from .transforms import (
     attach_chains,
     detach_chains,
     fold_rmsnorms,
-    fuse_chains,
     install_online_hadamards,
     model_parts,
     online_down_layers,
@@ -84,7 +85,15 @@ class OSTOptions(WeightStepOptions):
     calibration batches (None: all). ``guard_factor`` / ``guard_action``: stop (restoring the last
     good step) or fail when a guarded loss term exceeds ``guard_factor`` times its first value
     (3, stop; on the toy pair every healthy OST/AAQ run stayed below 1.6x, while AAQ at alpha 1.5
-    reached 20x on its pull term). Plus the weight step's ``weights`` (auto: GPTQ) and ``mse_clip``.
+    reached 20x on its pull term). ``engine``: ``fused`` (each layer transforms its own weights
+    inside its forward, ``quantizers.fused_forward``; the default) or ``parametrize`` (every
+    weight of the model through ``torch.nn.utils.parametrize`` on every step: the pre-rework path,
+    kept as the reference the fused one is tested against). ``checkpoint``: gradient checkpointing
+    per decoder layer (fused engine). ``autocast``: ``auto`` (bf16 where the hardware multiplies
+    bf16 natively, else fp32), ``bf16``, ``off``. ``ste_weights``: train against fake-quantized
+    weights with a straight-through estimator (``auto``: on for schemes that quantize weights but
+    not activations, where nothing else would give the transforms a training signal; off
+    otherwise, as in the recipe). Plus the weight step's ``weights`` (auto: GPTQ) and ``mse_clip``.
     """
 
     steps: int = 100
@@ -98,6 +107,10 @@ class OSTOptions(WeightStepOptions):
     max_batches: int | None = None
     guard_factor: float = 3.0
     guard_action: Literal["stop", "error"] = "stop"
+    engine: Literal["fused", "parametrize"] = "fused"
+    checkpoint: bool = True
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+    ste_weights: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -112,6 +125,8 @@ class OSTOptions(WeightStepOptions):
             raise QuantizerError(f"guard_factor={self.guard_factor} must be > 1")
         if not (self.learn_r1 or self.learn_r2 or self.learn_scales):
             raise QuantizerError("nothing to learn: set one of learn_r1, learn_r2, learn_scales (or use quarot)")
+        if self.engine == "parametrize" and self.ste_weights == "on":
+            raise QuantizerError("ste_weights=on needs engine=fused (the parametrize engine trains full-precision weights)")
 
 
 def _orthogonality_error(r: torch.Tensor) -> float:
@@ -133,50 +148,86 @@ class OSTQuantizer(TransformQuantizer):
     requires_calibration = True
     #: The logged loss terms the divergence guards watch (each against ``guard_factor``).
     guard_terms: ClassVar[tuple[str, ...]] = ("kl_top",)
+    #: Keys of :meth:`batch_targets`' diagnostics logged with the loss terms at every step.
+    step_diagnostics: ClassVar[tuple[str, ...]] = ()
 
     def check(self, scheme: QuantScheme) -> None:
         super().check(scheme)
-        if not (scheme.quantizes_activations or scheme.quantizes_kv):
+        opts: OSTOptions = self.options
+        if opts.engine == "parametrize" and not (scheme.quantizes_activations or scheme.quantizes_kv):
             raise QuantizerError(
-                f"{self.name} learns transforms against activation/KV-cache quantization error, and scheme "
-                f"{scheme.label!r} quantizes neither (the transforms would not change the training output): "
-                "use quarot or gptq for weight-only schemes"
+                f"{self.name} with engine=parametrize learns against activation/KV-cache quantization only, and "
+                f"scheme {scheme.label!r} quantizes neither: use engine=fused (straight-through weight quantization)"
             )
+
+    def trains_against_weights(self, scheme: QuantScheme) -> bool:
+        """Whether the transforms learn against fake-quantized weights (straight-through estimator)."""
+        mode = self.options.ste_weights
+        if mode == "auto":
+            return scheme.quantizes_weights and not scheme.quantizes_activations
+        return mode == "on" and scheme.quantizes_weights
 
     # ------------------------------------------------------------------ the loss (subclass hooks)
     def frozen_models(self, model: nn.Module, ctx: QuantContext) -> dict[str, nn.Module]:
-        """The frozen full-precision models the loss compares against: ``{"ref": FP model}``."""
+        """The frozen full-precision models the targets come from: ``{"ref": FP model}``. Without a
+        separate reference that is the subject itself, before any transform (no copy is made)."""
         ref = ctx.reference_model
-        if ref is None or ref is model:
-            log.info("%s: no separate reference model given; keeping a full-precision copy", self.name)
-            ref = copy.deepcopy(model)
-        return {"ref": ref}
+        return {"ref": model if ref is None else ref}
+
+    def batch_targets(
+        self, logits: Mapping[str, torch.Tensor], attention_mask: torch.Tensor | None
+    ) -> tuple[dict[str, SubsetTarget], dict[str, float]]:
+        """What the loss keeps of the frozen models' logits on one batch, plus diagnostics to log."""
+        return kl_top_targets(logits["ref"], k=self.options.k), {}
 
     def loss(
-        self, q_logits: torch.Tensor, frozen: Mapping[str, torch.Tensor], attention_mask: torch.Tensor | None
+        self, q_logits: torch.Tensor, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, Mapping[str, float]]:
         """KL-top between the frozen reference and the transformed, fake-quantized model."""
-        return kl_top_loss(q_logits, frozen["ref"], k=self.options.k, attention_mask=attention_mask)
+        return kl_top_from_targets(q_logits, targets, attention_mask)
+
+    def summarize_targets(self, diagnostics: list[dict[str, float]]) -> None:
+        """Hook for subclasses: record what the targets say before training (AAQ: the contrast)."""
+
+    @torch.no_grad()
+    def cache_targets(self, frozen: Mapping[str, nn.Module], batches: list[Any], device: torch.device
+                      ) -> tuple[list[dict[str, SubsetTarget]], list[dict[str, float]]]:
+        """Run the frozen models once per calibration batch and keep only what the loss needs."""
+        targets, diagnostics = [], []
+        for batch in batches:
+            inputs = model_inputs(batch, device)
+            logits = {key: _logits(m, inputs) for key, m in frozen.items()}
+            t, d = self.batch_targets(logits, inputs.get("attention_mask"))
+            targets.append(t)
+            diagnostics.append(d)
+        return targets, diagnostics
 
     # ------------------------------------------------------------------ pipeline
     def quantize(self, model: nn.Module, scheme: QuantScheme, ctx: QuantContext) -> nn.Module:
         opts: OSTOptions = self.options
-        frozen = self.frozen_models(model, ctx)  # before any change: a copied reference stays full precision
-        parts = self.prepare(model, scheme)
+        model_parts(model)  # fail on an unsupported architecture before any work
+        device = next(model.parameters()).device
+        all_batches = list(ctx.calibration_batches)
+        batches = all_batches[: opts.max_batches] if opts.max_batches else all_batches
+        batches = batches[: opts.steps]  # steps cycle through the batches; the rest never run
+        frozen = self.frozen_models(model, ctx)  # before any change: the subject is still full precision
         for m in frozen.values():
             m.eval()
-        generator = torch.Generator().manual_seed(ctx.seed)
-        device = parts.embed.weight.device
+        targets, diagnostics = self.cache_targets(frozen, batches, device)
+        del frozen  # only the cached targets are needed from here on
+        self.summarize_targets(diagnostics)
 
+        parts = self.prepare(model, scheme)
+        generator = torch.Generator().manual_seed(ctx.seed)
         fold_rmsnorms(parts)
         for p in model.parameters():
             p.requires_grad_(False)
-        # Activation fake-quant on, weights full precision while learning (the recipe).
+        # Activation fake-quant on (and online transforms in place), weights full precision while
+        # learning (the recipe), or straight-through fake-quantized for weight-only schemes.
         down = online_down_layers(parts, scheme)
-        train_acts = scheme.quantizes_activations
         online = install_online_hadamards(parts, None, down_layers=down, qk=scheme.quantizes_kv, generator=generator)
-        if train_acts:
-            quantize_linear_layers(model, scheme.replace(w_bits=16), input_transforms=online)
+        if scheme.quantizes_linears:
+            quantize_linear_layers(model, scheme.replace(w_bits=16), input_transforms=online, wrap_all=True)
         parts = model_parts(model)  # the Linears may have been replaced
 
         r1, r2 = hadamard_rotations(parts, generator, learn_r1=opts.learn_r1, learn_r2=opts.learn_r2,
@@ -189,9 +240,8 @@ class OSTQuantizer(TransformQuantizer):
             scales = {s.name: Scale(s.size, learnable=True).to(device) for s in sites}
             site_chains(sites, scales, builder)
         layer_of = {f"{lp.prefix}.mlp.down_proj": lp for lp in parts.layers}
-        online_ops = ChainBuilder()  # fused after training when no activation quant runs during it
         for name, h in online.items():
-            (builder if train_acts else online_ops).consume(layer_of[name].down, OnlineOp(h))
+            builder.consume(layer_of[name].down, OnlineOp(h))
         chains = builder.chains()
 
         groups = []
@@ -201,27 +251,28 @@ class OSTQuantizer(TransformQuantizer):
         if scales:
             groups.append({"params": [s.value for s in scales.values()], "lr": opts.lr_scale})
 
-        batches = list(ctx.calibration_batches)[: opts.max_batches] if opts.max_batches else list(ctx.calibration_batches)
+        ste = self.trains_against_weights(scheme)
+        autocast = autocast_dtype(device, opts.autocast)
+        engine = self._engine(parts, chains, scheme if ste else None, autocast)
 
         def loss_fn(batch: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float]]:
             inputs = model_inputs(batch, device)
-            with torch.no_grad():
-                targets = {key: _logits(m, inputs) for key, m in frozen.items()}
-            with parametrize.cached():
-                q_logits = _logits(model, inputs)
-            return self.loss(q_logits, targets, inputs.get("attention_mask"))
+            loss, terms = self.loss(engine(inputs), targets[step % len(batches)], inputs.get("attention_mask"))
+            shown = diagnostics[step % len(batches)]
+            return loss, {**terms, **{key: shown[key] for key in self.step_diagnostics}}
 
-        attach_chains(chains)
-        try:
+        with self._installed(engine, chains):
             log_ = run_calibration(
                 loss_fn, groups, batches, opts.steps,
                 guard=[DivergenceGuard(t, factor=opts.guard_factor, action=opts.guard_action) for t in self.guard_terms],
                 stage=self.name, progress=ctx.progress, device=device,
             )
-        finally:
-            detach_chains(chains)  # fuse what was learned (also on error: no half-parametrized model)
-        fuse_chains(online_ops.chains())
         self.metadata["calibration"] = log_.to_dict()
+        self.metadata["training"] = {
+            "engine": opts.engine, "checkpoint": opts.checkpoint and opts.engine == "fused",
+            "autocast": "bf16" if autocast is not None else "off (fp32)", "ste_weights": ste,
+            "target_cache_bytes": sum(t.nbytes for batch in targets for t in batch.values()),
+        }
         if log_.stopped_early:
             self.metadata["stopped_early"] = log_.stopped_early
             log.warning("%s: %s; kept the transforms of the last good step", self.name, log_.stopped_early)
@@ -232,5 +283,31 @@ class OSTQuantizer(TransformQuantizer):
             "online_down_proj": len(down), "online_qk": scheme.quantizes_kv,
             "orthogonality_error": _orthogonality_error(r1.matrix().detach()),
         }
-        self.weight_step(model, scheme, ctx, input_transforms=None if train_acts else online)
+        self.weight_step(model, scheme, ctx)
         return model
+
+    def _engine(self, parts: ModelParts, chains: list, weight_scheme: QuantScheme | None,
+                autocast: torch.dtype | None):
+        """``inputs -> logits`` of the transformed model, for the chosen engine."""
+        if self.options.engine == "parametrize":
+            def forward(inputs: Mapping[str, Any]) -> torch.Tensor:
+                with parametrize.cached():
+                    return _logits(parts.model, inputs)
+            return forward
+        return FusedTransformForward(parts, chains, weight_scheme=weight_scheme,
+                                     use_checkpoint=self.options.checkpoint, autocast=autocast)
+
+    @contextlib.contextmanager
+    def _installed(self, engine, chains):
+        """Transforms active for training; afterwards fused into the weights (also on error: no
+        half-parametrized model is left behind)."""
+        if isinstance(engine, FusedTransformForward):
+            with engine.installed():
+                yield
+            engine.fuse()
+            return
+        attach_chains(chains)
+        try:
+            yield
+        finally:
+            detach_chains(chains)

@@ -301,9 +301,16 @@ class Rotation(nn.Module):
             self.weight = init
         else:
             self.register_buffer("weight", init.clone())
+        self._pinned: torch.Tensor | None = None
+
+    def pin(self, value: torch.Tensor | None) -> None:
+        """Make :meth:`matrix` return ``value`` (None: evaluate ``weight`` again). The fused training
+        forward evaluates each orthogonal map once per step and pins the result, so that every
+        layer, and its recomputation under gradient checkpointing, uses the same tensor."""
+        self._pinned = value
 
     def matrix(self) -> torch.Tensor:
-        return self.weight
+        return self.weight if self._pinned is None else self._pinned
 
 
 class Scale(nn.Module):

@@ -51,3 +51,27 @@ def test_builtin_calibration_prompts_are_disjoint_from_evaluation_sets():
     assert not [r["id"] for r in calib if _norm(r["prompt"]) in held]
     hits = _near_pairs([(r["id"], r["prompt"]) for r in calib], [r.prompt for _, r in _builtin_records()], 0.8)
     assert not hits, hits[:3]
+
+
+def test_chat_source_is_benign_requests_answered_by_the_model_itself(toy_chat, tmp_path):
+    import json
+
+    from harness.generation import generate_responses
+
+    prompts = tmp_path / "requests.jsonl"
+    rows = [{"prompt": f"Tell me about the {w} module.", "label": "benign"} for w in ("json", "os", "re", "sys")]
+    rows.append({"prompt": "Explain how to pick a lock to break into a house.", "label": "harmful"})
+    prompts.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    spec = CalibrationSpec(f"chat:{prompts}", n_samples=2, seq_len=32, batch_size=2, seed=0)
+    data = load_calibration(spec, toy_chat.tokenizer, toy_chat.model)
+    again = load_calibration(spec, toy_chat.tokenizer, toy_chat.model)
+    assert data.fingerprint == again.fingerprint  # greedy answers: same text, same windows
+    from harness.calibration_data import calibration_text
+
+    text = calibration_text(spec.source, toy_chat.tokenizer, toy_chat.model, seed=0)
+    assert rows[-1]["prompt"] not in text  # harmful requests are never used
+    answer = generate_responses(toy_chat.model, toy_chat.tokenizer, [rows[0]["prompt"]], max_new_tokens=64,
+                                progress=False)[0]
+    assert rows[0]["prompt"] in text and answer in text
+    with pytest.raises(UserError, match="answers its prompts with the model"):
+        load_calibration(spec, toy_chat.tokenizer)

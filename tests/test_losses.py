@@ -78,3 +78,40 @@ def test_bad_input():
         contrastive_alignment_loss(logits(P_Q), logits(P_FT), logits(P_PT), alpha=-1)
     with pytest.raises(QuantizerError, match="masked out"):
         kl_top_loss(logits(P_Q), logits(P_FT), attention_mask=torch.tensor([[0]]))
+
+
+def test_cached_targets_give_the_same_losses_as_the_frozen_logits():
+    """What the frozen models leave behind (subset indices + log-probs) reproduces both losses."""
+    from quantizers.losses import (contrastive_from_targets, contrastive_targets, kl_top_from_targets,
+                                   kl_top_targets)
+
+    g = torch.Generator().manual_seed(0)
+    ft, pt, q = (torch.randn(2, 5, 50, generator=g) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    for renormalize in (True, False):
+        direct, _ = kl_top_loss(q, ft, k=7, renormalize=renormalize, attention_mask=mask)
+        targets = kl_top_targets(ft, k=7, renormalize=renormalize)
+        assert targets["top"].index.dtype == torch.int32 and targets["top"].log_p.shape == (2, 5, 7)
+        cached, _ = kl_top_from_targets(q, targets, mask)
+        assert float(cached) == pytest.approx(float(direct), rel=1e-6)
+    for kw in ({}, {"diff_space": "logit"}, {"push_set": "pt_top"}, {"k_pull": 11}):
+        direct, terms = contrastive_alignment_loss(q, ft, pt, alpha=0.5, k=7, attention_mask=mask, **kw)
+        cached, cterms = contrastive_from_targets(q, contrastive_targets(ft, pt, k=7, **kw), alpha=0.5,
+                                                  attention_mask=mask)
+        assert float(cached) == pytest.approx(float(direct), rel=1e-6)
+        assert cterms["push_pull"] == pytest.approx(terms["push"] / terms["pull"], rel=1e-6)
+    with pytest.raises(QuantizerError, match="out of step"):
+        kl_top_from_targets(q[:, :4], kl_top_targets(ft, k=7))
+
+
+def test_contrast_diagnostic_by_hand():
+    from quantizers.losses import contrast_diagnostic
+
+    ft, pt = logits(P_FT), logits(P_PT)
+    d = contrast_diagnostic(ft, pt, torch.tensor([[[0, 3]]]), k=2)
+    assert d["tv"] == pytest.approx(0.5 * (0.4 + 0.1 + 0.15 + 0.35))
+    assert d["top1_differs"] == 1.0  # FT's top token is 0, PT's is 3
+    assert d["topk_differs"] == pytest.approx(1.0)  # FT top-2 {0, 1}, PT top-2 {3, 2}: none shared
+    assert d["sdiff_abs_diff"] == pytest.approx((0.4 + 0.35) / 2)
+    same = contrast_diagnostic(ft, ft, torch.tensor([[[0, 3]]]), k=2)
+    assert same["tv"] == pytest.approx(0.0, abs=1e-7) and same["top1_differs"] == 0.0 and same["topk_differs"] == 0.0

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from harness.models import load_model
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from quantizers import QuantContext, QuantizerError, build_quantizer, iter_quant_linears
+from quantizers.ost import LEARNED_SITES
 from quantizers.transforms import OnlineHadamard
 
 
@@ -91,10 +92,134 @@ def test_aaq_rejects_a_base_model_with_another_vocabulary(toy_chat, batches):
         build_quantizer("aaq").apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches))
 
 
-def test_ost_rejects_weight_only_schemes_and_bad_options(toy_chat, batches):
+def test_ost_rejects_bad_options(toy_chat, batches):
     with pytest.raises(QuantizerError, match="quantizes neither"):
-        build_quantizer("ost").apply(copy.deepcopy(toy_chat.model), "w4a16", _ctx(toy_chat, batches))
+        build_quantizer("ost", {"engine": "parametrize"}).apply(copy.deepcopy(toy_chat.model), "w4a16",
+                                                                 _ctx(toy_chat, batches))
+    with pytest.raises(QuantizerError, match="needs engine=fused"):
+        build_quantizer("ost", {"engine": "parametrize", "ste_weights": "on"})
     with pytest.raises(QuantizerError, match="nothing to learn"):
         build_quantizer("ost", {"learn_r1": "false", "learn_r2": "false", "learn_scales": "false"})
     with pytest.raises(QuantizerError, match="alpha"):
         build_quantizer("aaq", {"alpha": "-1"})
+
+
+class _GradCapture:
+    """Wraps the shared calibration loop to keep the gradients of its last step (the loop itself runs)."""
+
+    def __init__(self, monkeypatch):
+        import quantizers.ost as ost_module
+
+        self.grads: list[torch.Tensor] = []
+        real = ost_module.run_calibration
+
+        def run(loss_fn, groups, *args, **kwargs):
+            out = real(loss_fn, groups, *args, **kwargs)
+            self.grads = [p.grad.clone() for g in groups for p in g["params"]]
+            return out
+
+        monkeypatch.setattr(ost_module, "run_calibration", run)
+
+
+@pytest.mark.parametrize("method", ["ost", "aaq"])
+def test_fused_engine_equals_the_parametrize_engine(method, toy_chat, toy_base, batches, one_thread, monkeypatch):
+    """At the same transforms the per-layer fused forward gives the old path's loss on every batch
+    and its gradients. (Whole training curves cannot be compared to float tolerance: 4-bit rounding
+    makes the trajectory chaotic; the old path run on 1 and on 2 threads already drifts apart by
+    ~5% at step 3 on this pair.)"""
+    capture = _GradCapture(monkeypatch)
+    curves, grads, outputs = {}, {}, {}
+    for engine in ("parametrize", "fused"):
+        frozen = {"steps": 4, "lr_rotation": 0, "lr_scale": 0}  # same transforms on all four batches
+        q = build_quantizer(method, {**frozen, "weights": "rtn", "engine": engine, "autocast": "off"})
+        model = q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches, toy_base.model))
+        curves[engine] = q.metadata["calibration"]["curves"]["loss"]
+        with torch.no_grad():
+            outputs[engine] = model(batches[1]).logits  # the fused, quantized variant
+        for seed in (0, 1):  # two random Hadamard starting points
+            q = build_quantizer(method, {"steps": 1, "weights": "rtn", "engine": engine, "autocast": "off"})
+            ctx = _ctx(toy_chat, batches, toy_base.model)
+            ctx.seed = seed
+            q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", ctx)
+            grads[engine, seed] = capture.grads
+    assert q.metadata["training"]["engine"] == "fused" and q.metadata["training"]["checkpoint"]
+    assert curves["fused"] == pytest.approx(curves["parametrize"], rel=1e-5)
+    assert torch.allclose(outputs["fused"], outputs["parametrize"], atol=1e-3)
+    for seed in (0, 1):
+        pairs = list(zip(grads["parametrize", seed], grads["fused", seed]))
+        assert len(pairs) == 1 + 4 + 4 * len(LEARNED_SITES)  # R1, one R2 per layer, the scales
+        for old, new in pairs:  # measured: ~5e-6 relative
+            assert float((old - new).norm()) <= 1e-4 * float(old.norm()) + 1e-12
+
+
+def test_fused_engine_with_a_quantized_lm_head(toy_chat, batches, one_thread):
+    """``noskip``: lm_head reads quantized activations, so its weight is transformed (not its input)."""
+    outputs, curves = {}, {}
+    for engine in ("parametrize", "fused"):
+        q = build_quantizer("ost", {"steps": 2, "lr_rotation": 0, "lr_scale": 0, "weights": "rtn", "engine": engine,
+                                    "autocast": "off"})
+        model = q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4-noskip", _ctx(toy_chat, batches))
+        curves[engine] = q.metadata["calibration"]["curves"]["kl_top"]
+        with torch.no_grad():
+            outputs[engine] = model(batches[0]).logits
+    assert curves["fused"] == pytest.approx(curves["parametrize"], rel=1e-5)
+    assert torch.allclose(outputs["fused"], outputs["parametrize"], atol=1e-3)
+
+
+def test_fused_engine_without_checkpointing_is_the_same_computation(toy_chat, batches, one_thread):
+    curves = []
+    for checkpoint in ("true", "false"):
+        q = build_quantizer("ost", {"steps": 3, "weights": "rtn", "checkpoint": checkpoint, "autocast": "off"})
+        q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches))
+        curves.append(q.metadata["calibration"]["curves"]["kl_top"])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16g64", "w3a16"])
+def test_weight_only_schemes_train_against_straight_through_weights(scheme, toy_chat, batches, one_thread):
+    model = copy.deepcopy(toy_chat.model)
+    q = build_quantizer("ost", {"steps": 6, "max_batches": 1, "weights": "rtn", "lr_rotation": 0.005,
+                                "autocast": "off"})
+    q.apply(model, scheme, _ctx(toy_chat, batches))
+    assert q.metadata["training"]["ste_weights"] is True
+    curve = q.metadata["calibration"]["curves"]["kl_top"]
+    # weights are fake-quantized during training: the first loss is the RTN model's, not ~0
+    assert curve[0] > 1e-3
+    assert curve[-1] < curve[0]
+    linears = dict(iter_quant_linears(model))
+    assert len(linears) == 4 * 7 and all(m.a_bits == 16 and m.w_bits < 16 for m in linears.values())
+    assert isinstance(linears["model.layers.0.mlp.down_proj"].input_transform, OnlineHadamard)
+    with torch.no_grad():
+        assert torch.isfinite(model(batches[0]).logits).all()
+
+
+def test_straight_through_training_beats_full_precision_training_at_w3(toy_chat, batches, one_thread):
+    """Learning against the quantized weights is what makes the transforms help a weight-only scheme."""
+    ppl = {}
+    for ste in ("on", "off"):
+        model = copy.deepcopy(toy_chat.model)
+        q = build_quantizer("ost", {"steps": 8, "max_batches": 2, "weights": "rtn", "ste_weights": ste,
+                                    "lr_rotation": 0.005, "autocast": "off"})
+        q.apply(model, "w3a16kv4", _ctx(toy_chat, batches))
+        ppl[ste] = perplexity(model, toy_chat.tokenizer, load_text("toy-heldout"), PerplexitySettings(max_tokens=2048),
+                              progress=False)["perplexity"]
+    assert ppl["on"] < ppl["off"]
+
+
+def test_aaq_logs_the_contrast_and_warns_when_it_is_weak(toy_chat, toy_base, batches, one_thread, caplog):
+    q = build_quantizer("aaq", {"steps": 2, "weights": "rtn", "autocast": "off"})
+    with caplog.at_level("WARNING", logger="quantizers.aaq"):
+        q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches, toy_base.model))
+    contrast = q.metadata["contrast"]
+    assert 0 < contrast["tv"] < 1 and 0 <= contrast["top1_differs"] <= 1 and 0 < contrast["topk_differs"] < 1
+    assert contrast["sdiff_abs_diff"] > 0 and contrast["weak"] is False
+    assert contrast["push_pull_mean"] == pytest.approx(
+        sum(q.metadata["calibration"]["curves"]["push_pull"]) / 2, rel=1e-4)
+    assert len(q.metadata["calibration"]["curves"]["tv"]) == 2
+    assert not [r for r in caplog.records if "barely differ" in r.message]
+    # A "base" that is the FT model's own copy: no contrast at all, one warning
+    q = build_quantizer("aaq", {"steps": 2, "weights": "rtn", "autocast": "off"})
+    with caplog.at_level("WARNING", logger="quantizers.aaq"):
+        q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches, copy.deepcopy(toy_chat.model)))
+    assert q.metadata["contrast"]["tv"] == pytest.approx(0, abs=1e-6) and q.metadata["contrast"]["weak"] is True
+    assert len([r for r in caplog.records if "barely differ" in r.message]) == 1

@@ -21,8 +21,10 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     d = CalibrationOptions()
     g = p.add_argument_group("calibration (methods that need data: gptq, smoothquant, quarot, ost, aaq, qrealign)")
     g.add_argument("--calib-text", metavar="SOURCE",
-                   help="calibration text: a UTF-8 file, dataset:ID[:CONFIG]:SPLIT, or toy-pretrain (default auto: "
-                        "toy-pretrain for bundled toy models, WikiText-2 train through datasets otherwise)")
+                   help="calibration text: a UTF-8 file, dataset:ID[:CONFIG]:SPLIT, toy-pretrain, or chat:calibration "
+                        "(benign built-in calibration requests in the chat template, answered by the model itself; "
+                        "chat:FILE for another prompt file) (default auto: toy-pretrain for bundled toy models, "
+                        "WikiText-2 train through datasets otherwise)")
     g.add_argument("--calib-samples", type=int, metavar="N", help=f"calibration sequences (default {d.samples})")
     g.add_argument("--calib-len", type=int, metavar="TOKENS", help=f"tokens per calibration sequence (default {d.length})")
     g.add_argument("--calib-batch", type=int, metavar="N", help=f"sequences per calibration batch (default {d.batch})")

@@ -1,0 +1,181 @@
+"""What one OST/AAQ training step costs, measured side by side with a plain training step of the
+same model on the same tokens, plus a memory model fitted over layers and tokens.
+
+Every measurement runs in its own child process (one thread pinned), so that each peak resident
+set size (``ru_maxrss``, the whole process: model, data, autograd) belongs to that job alone.
+Step times are the process's CPU time (``time.process_time``; with one thread this is the compute
+a step needs, and it does not grow when other jobs share the cores, as wall time does), medians
+over ``--steps`` steps (the first step is dropped as warm-up). Jobs:
+
+* ``plain``: forward + backward of the model with trainable weights, cross-entropy on the tokens
+  (no checkpointing): the step-time reference;
+* ``plain-ckpt``: the same with gradient checkpointing per decoder layer: the memory reference;
+* ``ost`` / ``aaq``: the fused engine (per-layer transforms, checkpointing, cached targets;
+  AAQ's base is a second copy of the checkpoint: the cost does not depend on its weights);
+* ``ost-old``: ``engine=parametrize``, the path before the rework.
+
+The memory model fits ``peak = a + b * L + c * T + e * L * T`` (L decoder layers kept, T tokens
+per step, bytes) to the fused OST job on truncated copies of the model, and extrapolates it to a
+7B Llama by scaling each coefficient with what it counts (see docs/quantizers.md).
+
+    OMP_NUM_THREADS=1 python bench/bench_ost_cost.py [--model smollm2-135m-instruct] [--batch 4 --seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GIB = 1024**3
+
+
+def _model(name: str, layers: int | None):
+    from harness.models import load_model
+
+    loaded = load_model(name, device="cpu", dtype="float32")
+    model = loaded.model
+    if layers is not None:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+    return loaded.tokenizer, model
+
+
+def _tokens(tokenizer, batch: int, seq: int) -> list[torch.Tensor]:
+    from harness.calibration_data import CalibrationSpec, load_calibration
+
+    wiki = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_test.raw"
+    spec = CalibrationSpec(str(wiki), n_samples=batch * 2, seq_len=seq, batch_size=batch, seed=0, span=(0.4, 1.0))
+    return load_calibration(spec, tokenizer).batches
+
+
+def _plain(model, batches, steps: int, checkpoint: bool) -> list[float]:
+    if checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    times = []
+    for step in range(steps):
+        ids = batches[step % len(batches)]
+        started = time.process_time()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.process_time() - started)
+    return times
+
+
+def _transform(method: str, engine: str, model, tokenizer, batches, steps: int, name: str, layers: int | None):
+    from quantizers import QuantContext, build_quantizer
+
+    base = None
+    if method == "aaq":
+        base = _model(name, layers)[1]
+    stamps: list[float] = []
+    ctx = QuantContext(tokenizer=tokenizer, calibration_batches=batches, base_model=base, seed=0,
+                       progress=lambda stage, i, n: stamps.append(time.process_time()) if stage == method else None)
+    q = build_quantizer(method, {"steps": steps, "weights": "rtn", "engine": engine, "autocast": "off"})
+    q.apply(model, "w4a4kv4", ctx)
+    return [b - a for a, b in zip(stamps, stamps[1:])], q.metadata
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tokenizer, model = _model(args.model, args.layers)
+    batches = _tokens(tokenizer, args.batch, args.seq)
+    meta = {}
+    if args.job in ("plain", "plain-ckpt"):
+        times = _plain(model, batches, args.steps, checkpoint=args.job == "plain-ckpt")[1:]
+    else:
+        method, engine = ("ost", "parametrize") if args.job == "ost-old" else (args.job, "fused")
+        times, meta = _transform(method, engine, model, tokenizer, batches, args.steps, args.model, args.layers)
+    print(json.dumps({"job": args.job, "step_s": statistics.median(times), "steps_timed": len(times),
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "target_cache_bytes": meta.get("training", {}).get("target_cache_bytes")}))
+
+
+def run_child(job: str, args: argparse.Namespace, *, layers: int | None = None, seq: int | None = None,
+              steps: int | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", job, "--model", args.model, "--batch", str(args.batch),
+           "--seq", str(seq or args.seq), "--steps", str(steps or args.steps)]
+    if layers is not None:
+        cmd += ["--layers", str(layers)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"child {job} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fit_memory(args: argparse.Namespace, known: dict[tuple[int, int], float]) -> np.ndarray:
+    """Least-squares ``peak = a + b L + c T + e L T`` over ``--fit-layers`` x ``--fit-seqs``
+    (``known`` holds points already measured, keyed by (layers, tokens))."""
+    points = dict(known)
+    for layers in args.fit_layers:
+        for seq in args.fit_seqs:
+            key = (layers, args.batch * seq)
+            if key not in points:
+                points[key] = float(run_child("ost", args, layers=layers, seq=seq, steps=2)["peak_rss"])
+            print(f"  fit point: L={key[0]} T={key[1]} peak={points[key] / GIB:.3f} GiB", flush=True)
+    a = np.array([[1.0, L, T, L * T] for L, T in points])
+    y = np.array(list(points.values()))
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return coef
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--old-steps", type=int, default=2, help="steps of the slow pre-rework path")
+    ap.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-fit", action="store_true", help="skip the memory-model grid")
+    ap.add_argument("--fit-layers", type=int, nargs="+", default=None,
+                    help="decoder layers kept for the memory fit (default: a third and all)")
+    ap.add_argument("--fit-seqs", type=int, nargs="+", default=[128, 256], help="sequence lengths of the memory fit")
+    args = ap.parse_args()
+    if args.child:
+        args.job = args.child
+        child(args)
+        return
+    tokens = args.batch * args.seq
+    print(f"model {args.model}, {args.batch} x {args.seq} = {tokens} tokens per step, one thread, "
+          f"step = median CPU seconds of {args.steps - 1} steps", flush=True)
+    print("| job | step (CPU s) | peak RSS (GiB) | step / plain | peak / plain-ckpt |")
+    print("|---|---|---|---|---|")
+    res = {}
+    for job in ("plain", "plain-ckpt", "ost", "aaq", "ost-old"):
+        res[job] = r = run_child(job, args, steps=args.old_steps if job == "ost-old" else None)
+        memory = f"{r['peak_rss'] / res['plain-ckpt']['peak_rss']:.2f}x" if "plain-ckpt" in res else "-"
+        print(f"| {job} | {r['step_s']:.2f} | {r['peak_rss'] / GIB:.2f} | {r['step_s'] / res['plain']['step_s']:.2f}x | "
+              f"{memory} |", flush=True)
+    old, new = res["ost-old"], res["ost"]
+    print(f"OST fused vs old: {old['step_s'] / new['step_s']:.1f}x faster per step, peak "
+          f"{new['peak_rss'] / GIB:.2f} GiB vs {old['peak_rss'] / GIB:.2f} GiB "
+          f"(targets cached: OST {new['target_cache_bytes'] / 2**20:.1f} MiB, AAQ {res['aaq']['target_cache_bytes'] / 2**20:.1f} MiB)")
+    if args.no_fit:
+        return
+    from harness.models import load_model
+
+    config = load_model(args.model, device="cpu").model.config
+    layers = int(config.num_hidden_layers)
+    args.fit_layers = sorted(set(args.fit_layers or [max(1, layers // 3), layers]))
+    a, b, c, e = fit_memory(args, {(layers, tokens): float(new["peak_rss"])})
+    print(f"memory model (fp32, {args.model}): peak = {a / GIB:.3f} GiB + {b / 2**20:.2f} MiB * L + "
+          f"{c / 2**10:.1f} KiB * T + {e / 2**10:.3f} KiB * L * T")
+    print(json.dumps({"a": a, "b": b, "c": c, "e": e, "hidden": config.hidden_size, "vocab": config.vocab_size,
+                      "layers": layers, "intermediate": config.intermediate_size}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The training forward of a model whose weights are transformed by parameter chains, at about the
+cost of a plain training step (``ost``, ``aaq``).
+
+The parametrisation route (``transforms.attach_chains`` + ``parametrize.cached()``) evaluates the
+chain of every weight of the whole model on each step, the vocabulary-sized embedding and
+lm_head included, and keeps every transformed weight and its intermediates alive until the
+backward pass. Here instead (the SpinQuant way, Liu et al. 2024, arXiv:2405.16406):
+
+* each decoder layer transforms its own weights inside its forward, under
+  ``torch.utils.checkpoint``: only the layer's inputs are kept, and its transformed weights are
+  recomputed in the backward pass, so one layer's transformed weights are alive at a time;
+* the embedding is not transformed: the rows the batch looks up are (its chain acts on the
+  embedding dimension, so ``E[ids] R1 == (E R1)[ids]``);
+* lm_head is not transformed: its input is, ``x (W M)^T == (x M^T) W^T`` with ``M`` the chain
+  applied to the identity (tokens x d x d instead of vocab x d x d); a quantized-input lm_head
+  (``noskip``) falls back to transforming the weight;
+* rotations are evaluated once per forward (one Cayley map each) and handed to every layer as
+  checkpoint inputs, so the recomputation sees exactly the tensors the forward saw;
+* optionally the transformed weights are fake-quantized with a straight-through estimator
+  (``weight_scheme``), so the transforms learn against weight quantization (weight-only schemes,
+  as SpinQuant trains its rotations against RTN weights).
+
+Chains on any other parameter (none in OST's recipe) are applied through the parametrisation
+route. The result equals the parametrisation route's to float rounding (tested on the toy pair).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
+
+from .base import QuantizerError
+from .fake_quant import fake_quant_weight
+from .modules import QuantLinear
+from .scheme import QuantScheme
+from .transforms import (
+    ModelParts,
+    ParamChain,
+    RotateOp,
+    Rotation,
+    attach_chains,
+    detach_chains,
+    fuse_chains,
+    transformed,
+)
+
+__all__ = ["FusedTransformForward", "autocast_dtype"]
+
+Swap = tuple[nn.Module, str, torch.Tensor]
+
+
+def _cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX-BF16), from the kernel's CPU flags. AVX512-BF16
+    alone is not enough: on such a CPU (AMD Zen 4, one thread) a bf16 matmul of 1024x576x1536 ran
+    2.5x faster than fp32, but a whole OST step on the toy pair ran 5x slower under bf16 autocast
+    (3.55 s against 0.71 s, casts and non-matmul ops dominate), so it stays fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split(":", 1)[1].split()
+    except OSError:
+        return False
+    return False
+
+
+def autocast_dtype(device: torch.device | str, mode: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for the trained forward: ``bf16`` where the hardware multiplies bf16
+    natively (a CUDA GPU reporting bf16 support; a CPU with AMX-BF16 tiles), else None (fp32).
+    ``mode``: ``auto`` (detect), ``bf16`` (force), ``off``."""
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode != "auto":
+        raise QuantizerError(f"autocast must be auto, bf16 or off, got {mode!r}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_bf16_matrix_units() else None
+    return None
+
+
+@contextlib.contextmanager
+def _swapped(swaps: Sequence[Swap]) -> Iterator[None]:
+    """Let each module see ``tensor`` as its parameter ``name`` for the duration (restored after)."""
+    saved = []
+    try:
+        for module, name, tensor in swaps:
+            saved.append((module, name, module._parameters[name]))
+            module._parameters[name] = tensor
+        yield
+    finally:
+        for module, name, original in reversed(saved):
+            module._parameters[name] = original
+
+
+@contextlib.contextmanager
+def _pinned(rotations: Sequence[Rotation], matrices: Sequence[torch.Tensor]) -> Iterator[None]:
+    try:
+        for rot, mat in zip(rotations, matrices):
+            rot.pin(mat)
+        yield
+    finally:
+        for rot in rotations:
+            rot.pin(None)
+
+
+def _chain_rotations(chains: Sequence[ParamChain]) -> list[Rotation]:
+    seen: dict[int, Rotation] = {}
+    for chain in chains:
+        for _, op, _ in chain.steps:
+            if isinstance(op, RotateOp):
+                seen.setdefault(id(op.rotation), op.rotation)
+    return list(seen.values())
+
+
+def _input_side_only(chain: ParamChain) -> bool:
+    """Every step acts on the weight's last (input / embedding) dimension."""
+    return all(axis == 1 for axis, _, _ in chain.steps)
+
+
+def _apply_to_rows(chain: ParamChain, rows: torch.Tensor) -> torch.Tensor:
+    """The chain applied to row vectors of the weight's last dimension (``rows [..., d]``)."""
+    for _, op, consumer in chain.steps:
+        rows = op(rows, consumer)
+    return rows
+
+
+class FusedTransformForward:
+    """Runs ``parts.model`` with the transforms of ``chains`` applied layer by layer (see the
+    module docstring). Use :meth:`installed` around the training loop and :meth:`logits` per step.
+
+    ``weight_scheme``: fake-quantize (straight-through) the weights of the Linears it does not
+    skip inside the decoder layers. ``use_checkpoint``: recompute each layer in the backward pass.
+    ``autocast``: the dtype to autocast the forward to (None: as the model is).
+    """
+
+    def __init__(
+        self,
+        parts: ModelParts,
+        chains: Sequence[ParamChain],
+        *,
+        weight_scheme: QuantScheme | None = None,
+        use_checkpoint: bool = True,
+        autocast: torch.dtype | None = None,
+    ) -> None:
+        self.parts = parts
+        self.weight_scheme = weight_scheme if weight_scheme is not None and weight_scheme.quantizes_weights else None
+        self.use_checkpoint = use_checkpoint
+        self.autocast = autocast
+        self.rotations = _chain_rotations(chains)
+        #: id(module) -> (decoder layer index, qualified name), for every module inside a layer
+        self._owner = {id(module): (li, f"{lp.prefix}.{name}" if name else lp.prefix)
+                       for li, lp in enumerate(parts.layers)
+                       for name, module in parts.model.model.layers[li].named_modules()}
+        self.layer_chains: list[list[ParamChain]] = [[] for _ in parts.layers]
+        self.embed_chain: ParamChain | None = None
+        self.head_chain: ParamChain | None = None
+        self.other_chains: list[ParamChain] = []
+        for chain in chains:
+            self._route(chain)
+        #: per layer: (Linear whose weight is fake-quantized, the chain of that weight or None)
+        self.quantized_weights = [self._quantized_in(li) for li in range(len(parts.layers))]
+        self._matrices: list[torch.Tensor] = []
+
+    def _route(self, chain: ParamChain) -> None:
+        """File a chain under the mechanism that applies it (see the module docstring)."""
+        parts = self.parts
+        head_reads_quantized = isinstance(parts.lm_head, QuantLinear) and parts.lm_head.a_bits < 16
+        if id(chain.module) in self._owner:
+            self.layer_chains[self._owner[id(chain.module)][0]].append(chain)
+        elif chain.module is parts.embed and chain.param == "weight" and _input_side_only(chain):
+            self.embed_chain = chain
+        elif (chain.module is parts.lm_head and chain.param == "weight" and _input_side_only(chain)
+              and not head_reads_quantized):
+            self.head_chain = chain
+        else:
+            self.other_chains.append(chain)
+
+    def _quantized_in(self, li: int) -> list[tuple[nn.Module, ParamChain | None]]:
+        if self.weight_scheme is None:
+            return []
+        weight_chains = {id(c.module): c for c in self.layer_chains[li] if c.param == "weight"}
+        return [(module, weight_chains.get(id(module)))
+                for module in self.parts.model.model.layers[li].modules()
+                if isinstance(module, (nn.Linear, QuantLinear))
+                and not self.weight_scheme.skips(self._owner[id(module)][1])]
+
+    # ------------------------------------------------------------------ per layer
+    def _layer_swaps(self, li: int) -> list[Swap]:
+        quantized = {id(m): chain for m, chain in self.quantized_weights[li]}
+        swaps: list[Swap] = []
+        for chain in self.layer_chains[li]:
+            value = transformed(chain, getattr(chain.module, chain.param))
+            if chain.param == "weight" and id(chain.module) in quantized:
+                value = self._fake_quant(value)
+            swaps.append((chain.module, chain.param, value))
+        for module, chain in self.quantized_weights[li]:
+            if chain is None:  # a quantized Linear no transform touches
+                swaps.append((module, "weight", self._fake_quant(module.weight)))
+        return swaps
+
+    def _fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
+        s = self.weight_scheme
+        return fake_quant_weight(weight, s.w_bits, group_size=s.w_group_size, symmetric=s.w_symmetric).to(weight.dtype)
+
+    def _layer_forward(self, li: int, layer: nn.Module):
+        forward = type(layer).forward
+
+        def run(hidden: torch.Tensor, *matrices_and_args: Any, **kwargs: Any):
+            n = len(self.rotations)
+            matrices, args = matrices_and_args[:n], matrices_and_args[n:]
+            with _pinned(self.rotations, matrices), _swapped(self._layer_swaps(li)):
+                return forward(layer, hidden, *args, **kwargs)
+
+        def patched(hidden: torch.Tensor, *args: Any, **kwargs: Any):
+            if self.use_checkpoint and torch.is_grad_enabled():
+                return checkpoint(run, hidden, *self._matrices, *args, use_reentrant=False, **kwargs)
+            return run(hidden, *self._matrices, *args, **kwargs)
+
+        return patched
+
+    # ------------------------------------------------------------------ embedding and head
+    def _embed_hook(self, _module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        with _pinned(self.rotations, self._matrices):
+            return _apply_to_rows(self.embed_chain, output)
+
+    def _head_hook(self, module: nn.Module, args: tuple) -> tuple:
+        d = module.weight.shape[1]
+        with _pinned(self.rotations, self._matrices):
+            eye = torch.eye(d, dtype=module.weight.dtype, device=module.weight.device)
+            m = _apply_to_rows(self.head_chain, eye)  # W' = W M
+        return (args[0] @ m.T.to(args[0].dtype), *args[1:])
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[FusedTransformForward]:
+        """Patch the layers' forwards and the embedding/head hooks in; restore the model after."""
+        layers = self.parts.model.model.layers
+        handles = []
+        try:
+            for li, layer in enumerate(layers):
+                layer.forward = self._layer_forward(li, layer)
+            if self.embed_chain is not None:
+                handles.append(self.parts.embed.register_forward_hook(self._embed_hook))
+            if self.head_chain is not None:
+                handles.append(self.parts.lm_head.register_forward_pre_hook(self._head_hook))
+            if self.other_chains:
+                attach_chains(self.other_chains)
+            yield self
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+            for h in handles:
+                h.remove()
+            if self.other_chains:
+                detach_chains(self.other_chains)
+            self._matrices = []
+
+    def fuse(self) -> None:
+        """Write the learned transforms into the weights (after :meth:`installed` has exited; the
+        chains that went through the parametrisation route were fused when they were detached)."""
+        fuse_chains([c for chains in self.layer_chains for c in chains])
+        fuse_chains([c for c in (self.embed_chain, self.head_chain) if c is not None])
+
+    def logits(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The transformed (and fake-quantized) model's logits on one batch, with autograd."""
+        self._matrices = [rot.weight for rot in self.rotations]  # one orthogonal map per rotation
+        device_type = self.parts.embed.weight.device.type
+        autocast = (torch.autocast(device_type, dtype=self.autocast) if self.autocast is not None
+                    else contextlib.nullcontext())
+        with autocast, parametrize.cached():
+            return self.parts.model(**inputs, use_cache=False).logits.float()
+
+    __call__ = logits
+
