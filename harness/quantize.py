@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.calibration_data import CalibrationOptions, calibration_text, load_calibration, load_calibration_prompts
+from harness.calibration_data import (CHAT_PREFIX, CalibrationOptions, calibration_text, load_calibration,
+                                      load_calibration_prompts)
 from harness.errors import UserError
 from harness.models import LoadedModel, load_model, resolve_model
 from quantizers import QuantContext, QuantScheme, build_quantizer, get_quantizer
@@ -128,6 +129,8 @@ def check_calibration_inputs(calib: CalibrationOptions, model_kind: str, seed: i
                 raise UserError(f"calibration text {spec.source!r} (--calib-text {calib.text}) needs the Hugging Face "
                                 "hub, which is offline: pass --calib-text FILE with a local UTF-8 text, e.g. "
                                 "WikiText-2 train saved as wiki.train.raw")
+        elif spec.source.startswith(CHAT_PREFIX):  # answered by the model later: its prompts must load now
+            load_calibration_prompts(spec.source[len(CHAT_PREFIX):] or "calibration")
         else:
             calibration_text(spec.source)
     if prompts:
