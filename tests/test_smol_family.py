@@ -278,6 +278,6 @@ def test_list_shows_the_family(tmp_path):
     result = subprocess.run([sys.executable, "-m", "harness.cli", "list"], capture_output=True, text=True,
                             timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  smol")}
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  smol-")}
     assert set(lines) == {"smol-base", "smol-chat", "smol-chat-eroded"}
     assert "as shipped" in lines["smol-base"] and "LoRA smol-chat + smol-chat-eroded" in lines["smol-chat-eroded"]
