@@ -13,6 +13,7 @@ Order of work (and why):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -31,12 +32,12 @@ from harness.coherence import response_logprobs
 from harness.config import AuditConfig, VariantSpec
 from harness.errors import UserError
 from harness.generation import GenerationSettings, chat_prompt, generate_responses
-from harness.benchmarks import describe_sets, load_benchmarks
+from harness.benchmarks import WIKITEXT2_TEST, describe_sets, find_data_file, load_benchmarks
 from harness.first_token import first_token_refusal_prob
 from harness.judge_validation import load_error_profiles
 from harness.judges import get_judges, judge_all
-from harness.models import (LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model,
-                            tokenizer_fingerprint)
+from harness.models import (SMOL_FAMILY, LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model,
+                            tokenizer_fingerprint, unaligned_base)
 from harness.quantize import (ABLATED, BaseReference, check_calibration_inputs, check_calibration_overlap,
                               check_context, load_saved_variant, quantize_variant, resolve_base, resolve_probe_model)
 from harness.perplexity import PerplexitySettings, load_text, perplexity
@@ -66,12 +67,17 @@ def seed_everything(seed: int) -> None:
 def _ppl_settings(config: AuditConfig, source: ModelSource) -> PerplexitySettings:
     text = config.perplexity_text
     if text == "auto":
-        if source.kind != "toy":
+        wikitext = find_data_file(WIKITEXT2_TEST, config.data_dir) if source.spec in SMOL_FAMILY else None
+        if source.kind == "toy":
+            text = "toy-heldout"
+        elif wikitext is not None:
+            text = str(wikitext)  # the smol family: WikiText-2 test from the benchmark data folder
+        else:
+            where = f", or --data-dir DIR holding {WIKITEXT2_TEST}" if source.spec in SMOL_FAMILY else ""
             raise UserError(
                 f"no perplexity text for model {source.spec!r}: pass --perplexity-text PATH "
-                "(e.g. WikiText-2 test as a .txt/.raw file)"
+                f"(e.g. WikiText-2 test as a .txt/.raw file){where}"
             )
-        text = "toy-heldout"
     return PerplexitySettings(source=text, window=config.ppl_window, stride=config.ppl_stride,
                               max_tokens=config.ppl_max_tokens, batch_size=max(1, config.batch_size // 4))
 
@@ -81,6 +87,8 @@ class Audit:
 
     def __init__(self, config: AuditConfig):
         config.validate()
+        if config.base == "auto":
+            config = dataclasses.replace(config, base=unaligned_base(config.model))
         self.config = config
         self.variants: list[VariantSpec] = config.variant_specs()
         self.pairs = config.variant_pairs(self.variants)

@@ -363,8 +363,9 @@ _register_builtins()
 
 #: sha256 of upstream originals by file name: every registered entry's, plus the perplexity text
 #: the project reads from the same data folder (WikiText-2 raw test).
+WIKITEXT2_TEST = "wikitext2_test.raw"
 KNOWN_SHA256: dict[str, str] = {
-    "wikitext2_test.raw": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+    WIKITEXT2_TEST: "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
     **{name: digest for spec in BENCHMARKS.values() for name, digest in spec.sha256.items()},
 }
 
@@ -490,6 +491,11 @@ def _data_dirs(data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None)
     if env:
         dirs.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p)
     return dirs
+
+
+def find_data_file(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """``name`` in the first data folder (``data_dir``, then ``$SAFEQUANT_DATA_DIR``) that holds it."""
+    return next((d / name for d in _data_dirs(data_dir) if (d / name).is_file()), None)
 
 
 def _is_saved_dataset(folder: Path) -> bool:

@@ -154,7 +154,7 @@ class AuditConfig:
     """Everything an audit needs; field names are the TOML keys and the CLI flags."""
 
     model: str = "toy-chat"
-    base: str | None = "toy-base"
+    base: str | None = "auto"  # auto: the bundled model's unaligned base (harness.models.UNALIGNED_BASES), else none
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     prompt_sets: list[str] = field(default_factory=lambda: list(DEFAULT_SETS))
     limit: int | None = None

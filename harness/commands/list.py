@@ -6,7 +6,7 @@ import argparse
 
 def cmd_list(args: argparse.Namespace) -> int:
     from harness.judges import judge_registry
-    from harness.models import PACKAGED_GGUF, TOY_MODEL_NAMES, TOY_MODELS_DIR
+    from harness.models import PACKAGED_GGUF, SMOL_FAMILY, SMOL_FAMILY_DIR, TOY_MODEL_NAMES, TOY_MODELS_DIR
     from harness.perplexity import BUILTIN_TEXTS
     from harness.prompts import list_prompt_sets
     from quantizers import available_quantizers, get_quantizer
@@ -20,6 +20,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("models:")
     for name in TOY_MODEL_NAMES:
         state = "bundled" if (TOY_MODELS_DIR / name / "config.json").is_file() else "missing (run scripts/build_toy_models.py)"
+        print(f"  {name:<24} {state}")
+    for name, adapters in SMOL_FAMILY.items():
+        missing = [a for a in adapters if not (SMOL_FAMILY_DIR / a / "adapter_model.safetensors").is_file()]
+        state = ("missing (run scripts/build_smol_family.py)" if missing
+                 else "SmolLM2-135M-Instruct GGUF" + (f" + LoRA {' + '.join(adapters)}" if adapters else " as shipped"))
         print(f"  {name:<24} {state}")
     for name, (package, _) in PACKAGED_GGUF.items():
         print(f"  {name:<24} GGUF from the PyPI package {package.replace('_', '-')}")

@@ -64,7 +64,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import time
 
     from harness.config import parse_options
-    from harness.models import load_model, resolve_model
+    from harness.models import load_model, resolve_model, unaligned_base
     from harness.quantize import (check_calibration_inputs, check_context, quantize_variant, resolve_base,
                                   resolve_probe_model)
     from harness.store import check_writable
@@ -88,7 +88,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cls = get_quantizer(args.method)
     base_spec = args.base
     if base_spec == "auto":
-        base_spec = "toy-base" if source.kind == "toy" and cls.needs_base_model else None
+        base_spec = unaligned_base(source.spec) if cls.needs_base_model else None
     if base_spec and base_spec.lower() == "none":
         base_spec = None
     if cls.needs_base_model and not base_spec:
@@ -144,7 +144,7 @@ def register(sub) -> None:
                                                        "(default toy-chat)")
     p.add_argument("--base", default="auto",
                    help="unaligned base (PT) model for methods that need one (aaq): a model, 'ablated' (build it from "
-                        "--model by refusal-direction ablation) or 'none' (default auto: toy-base for bundled toy models)")
+                        "--model by refusal-direction ablation) or 'none' (default auto: the bundled model's base, e.g. toy-base for toy-chat, smol-base for smol-chat)")
     p.add_argument("--method", required=True, help="quantizer name (see `safequant list`)")
     p.add_argument("--scheme", default="w4a4kv4", help="quantization scheme, e.g. w8a8, w4a16g128, w4a4kv4-aasym-aclip0.9 "
                                                       "(default w4a4kv4)")
