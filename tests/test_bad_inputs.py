@@ -512,11 +512,11 @@ def test_bad_quantize_input(capsys, tmp_path, monkeypatch, case):
 
 JUDGE_FILES: list[tuple[str, bytes | str, str]] = [
     ("binary file", b"\x00\xff\xfe\xfd" * 64, "utf-8"),
-    ("not JSON", "hello\n", "not JSON"),
-    ("array line", "[1, 2]\n", "needs prompt"),
+    ("not JSON", "hello\n", "not valid JSON"),
+    ("array line", "[1, 2]\n", "not an object"),
     ("unknown label", json.dumps({"prompt": "p", "response": "r", "label": "maybe"}) + "\n", "label"),
     ("prompt a number", json.dumps({"prompt": 1, "response": "r", "label": "refusal"}) + "\n", "prompt"),
-    ("empty file", "", "no items"),
+    ("empty file", "", "no rows"),
 ]
 
 
@@ -528,7 +528,7 @@ def test_bad_judge_validation_file(capsys, tmp_path, case):
 
 
 OTHER_COMMANDS: list[tuple[str, Callable[[Path], list[str]], str]] = [
-    ("judges missing file", lambda d: ["judges", "--validate", "--file", str(d / "no.jsonl")], "cannot read"),
+    ("judges missing file", lambda d: ["judges", "--validate", "--file", str(d / "no.jsonl")], "no such file"),
     ("judges unknown judge", lambda d: ["judges", "--validate", "--judge", "vibes"], "unknown judge"),
     ("benchmarks unknown set", lambda d: ["benchmarks", "--check", "harmfull"], ""),
     ("benchmarks missing data dir", lambda d: ["benchmarks", "--check", "harmful", "--data-dir", str(d / "no")],
