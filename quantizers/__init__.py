@@ -6,13 +6,13 @@ from .base import (
     NoOptions,
     QuantContext,
     Quantizer,
-    QuantizerError,
     available_quantizers,
     build_quantizer,
     get_quantizer,
     register_quantizer,
     reload_plugins,
 )
+from .errors import QuantizerError
 from .fake_quant import (
     fake_quant,
     fake_quant_activation,

@@ -34,8 +34,9 @@ from reports.atomic import TEMP_SUFFIX, folder_mode
 from reports.validation import check_schema
 from torch import nn
 
-from .base import QuantizerError
+from .errors import QuantizerError
 from .modules import (
+    KV_SPEC_ATTR,
     KVQuantSpec,
     OnlineTransform,
     QuantLinear,
@@ -43,7 +44,10 @@ from .modules import (
     enable_kv_quant,
     find_attention_modules,
     iter_quant_linears,
+    kv_spec_of,
     online_transform_from_spec,
+    qk_transform_of,
+    set_qk_transform,
 )
 from .scheme import QuantScheme
 from .variant_schema import VariantInfo, check_consistent
@@ -139,8 +143,7 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
     }
     attention = {}
     for name, attn in find_attention_modules(model):
-        kv = getattr(attn, "safequant_kv", None)
-        qk = getattr(attn, "safequant_qk_transform", None)
+        kv, qk = kv_spec_of(attn), qk_transform_of(attn)
         if kv is not None or qk is not None:
             attention[name] = {"kv": asdict(kv) if kv is not None else None, "qk_transform": _transform_spec(qk)}
     return {"quant_linears": linears, "attention": attention,
@@ -275,11 +278,11 @@ def _rebuild(config: Any, structure: dict[str, Any], dtype: torch.dtype) -> nn.M
     for name, spec in structure["attention"].items():
         attn = model.get_submodule(name)
         if spec.get("qk_transform"):
-            attn.safequant_qk_transform = online_transform_from_spec(spec["qk_transform"])
+            set_qk_transform(attn, online_transform_from_spec(spec["qk_transform"]))
         if spec.get("kv"):
             kv_specs[name] = KVQuantSpec(**spec["kv"])
     if kv_specs or any(s.get("qk_transform") for s in structure["attention"].values()):
         enable_kv_quant(model, KVQuantSpec())  # switch the attention implementation, then set each spec
         for name, attn in find_attention_modules(model):
-            attn.safequant_kv = kv_specs.get(name, KVQuantSpec())
+            setattr(attn, KV_SPEC_ATTR, kv_specs.get(name, KVQuantSpec()))
     return model

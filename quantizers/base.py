@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
+from .errors import QuantizerError  # re-exported: `from quantizers.base import QuantizerError` keeps working
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
@@ -51,11 +53,6 @@ ENTRY_POINT_GROUP = "safequant.quantizers"
 BUILTIN_MODULES: tuple[str, ...] = ("fp", "rtn", "gptq", "qrealign", "smoothquant", "quarot", "ost", "aaq")
 
 
-class QuantizerError(ValueError):
-    """Bad quantization input: a malformed scheme, an unknown quantizer or option, an unsupported
-    model. The message is one line naming the input and the fix; the CLI maps it to exit code 2."""
-
-
 ProgressCallback = Callable[[str, int, int], None]
 
 
@@ -72,7 +69,8 @@ class QuantContext:
     ``label`` (``"harmful"`` or ``"benign"``) and ``source``; the harness keeps them disjoint from
     the evaluation prompts. ``probe_model``: the aligned model probes are fitted on when a method
     needs probes from a model other than the subject (``None``: use ``reference_model``).
-    ``progress(stage, done, total)`` is called as work advances.
+    ``progress(stage, done, total)``, if given, is handed to the loops that report how work
+    advances (``run_calibration``, ``quantize_linear_layers``, GPTQ's layer loop).
     """
 
     tokenizer: Any = None
@@ -84,11 +82,6 @@ class QuantContext:
     device: str | torch.device = "cpu"
     seed: int = 0
     progress: ProgressCallback | None = None
-
-    def report(self, stage: str, done: int, total: int) -> None:
-        """Forward progress to the callback, if any."""
-        if self.progress is not None:
-            self.progress(stage, done, total)
 
     def seed_everything(self) -> None:
         """Seed Python's and torch's generators with ``seed``."""

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .base import QuantizerError
+from .errors import QuantizerError
 
 __all__ = [
     "LossFn",

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
-from .base import QuantizerError
+from .errors import QuantizerError
 from .fake_quant import fake_quant_weight
 from .modules import QuantLinear
 from .scheme import QuantScheme

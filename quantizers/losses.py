@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .base import QuantizerError
+from .errors import QuantizerError
 
 __all__ = [
     "subset_log_probs",

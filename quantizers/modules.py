@@ -5,7 +5,7 @@ implementations, ``safequant_kv_sdpa`` and ``safequant_kv_eager``, with
 ``transformers.AttentionInterface`` (and the matching mask functions with
 ``AttentionMaskInterface``). They receive ``key``/``value`` *after* RoPE and after the cache
 update, fake-quantize both per token and per group using the :class:`KVQuantSpec` stored on the
-attention module (``module.safequant_kv``), and then call the stock attention function.
+attention module (:data:`KV_SPEC_ATTR`), and then call the stock attention function.
 :func:`enable_kv_quant` switches a model to them with ``model.set_attn_implementation``.
 Attention modules without a spec (another model in the same process, or ``bits == 16``) pass
 through unchanged.
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import QuantizerError
+from .errors import QuantizerError
 from .fake_quant import fake_quant_activation, fake_quant_kv, fake_quant_weight, mse_clip_search
 from .scheme import QuantScheme
 
@@ -41,6 +41,11 @@ __all__ = [
     "KVQuantSpec",
     "KV_ATTN_SDPA",
     "KV_ATTN_EAGER",
+    "KV_SPEC_ATTR",
+    "QK_TRANSFORM_ATTR",
+    "kv_spec_of",
+    "qk_transform_of",
+    "set_qk_transform",
     "find_attention_modules",
     "enable_kv_quant",
     "disable_kv_quant",
@@ -284,10 +289,34 @@ def quantize_linear_layers(
 KV_ATTN_SDPA = "safequant_kv_sdpa"
 KV_ATTN_EAGER = "safequant_kv_eager"
 
+# The per-attention-module state the two implementations above read. Whoever sets it
+# (enable_kv_quant, transforms.install_online_hadamards, artifact loading) and whoever reads it
+# (_quantize_kv, artifact saving) goes through these two names, so the contract lives here.
+#: Attribute holding the module's :class:`KVQuantSpec` (absent or ``bits == 16``: no KV fake-quant).
+KV_SPEC_ATTR = "safequant_kv"
+#: Attribute holding the module's online rotation of post-RoPE queries and keys (a callable on
+#: ``[batch, heads, seq, head_dim]``, applied to both; it must be orthogonal so q.k is kept).
+QK_TRANSFORM_ATTR = "safequant_qk_transform"
+
+
+def qk_transform_of(attention: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The online Q/K rotation installed on an attention module, or None."""
+    return getattr(attention, QK_TRANSFORM_ATTR, None)
+
+
+def set_qk_transform(attention: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Install an online Q/K rotation on an attention module (read by the KV attention functions)."""
+    setattr(attention, QK_TRANSFORM_ATTR, transform)
+
+
+def kv_spec_of(attention: nn.Module) -> KVQuantSpec | None:
+    """The KV-cache fake-quant spec set on an attention module, or None."""
+    return getattr(attention, KV_SPEC_ATTR, None)
+
 
 @dataclass(frozen=True)
 class KVQuantSpec:
-    """KV-cache fake-quant settings of one attention module (``module.safequant_kv``)."""
+    """KV-cache fake-quant settings of one attention module (its :data:`KV_SPEC_ATTR`)."""
 
     bits: int = 16
     group_size: int | None = None  # None = head_dim
@@ -308,13 +337,12 @@ class KVQuantSpec:
 
 
 def _quantize_kv(module: nn.Module, query, key, value):
-    """Apply the module's optional Q/K rotation and KV fake-quant (extension point for online
-    Hadamards on post-RoPE Q/K: ``module.safequant_qk_transform``, applied to query and key alike,
-    must be orthogonal so that q.k is preserved)."""
-    qk_transform = getattr(module, "safequant_qk_transform", None)
+    """Apply the module's optional Q/K rotation (:data:`QK_TRANSFORM_ATTR`) and KV fake-quant
+    (:data:`KV_SPEC_ATTR`)."""
+    qk_transform = qk_transform_of(module)
     if qk_transform is not None:
         query, key = qk_transform(query), qk_transform(key)
-    spec: KVQuantSpec | None = getattr(module, "safequant_kv", None)
+    spec = kv_spec_of(module)
     if spec is not None and spec.bits < 16:
         kw = dict(group_size=spec.group_size, symmetric=spec.symmetric, clip_ratio=spec.clip_ratio)
         key = fake_quant_kv(key, spec.bits, **kw)
@@ -434,15 +462,15 @@ def enable_kv_quant(model: nn.Module, spec: KVQuantSpec | QuantScheme | str) -> 
                 f"KV-cache quantization: {name} does not support setting its attention implementation "
                 f"(module {attn_name} still uses {cfg._attn_implementation!r}); use a scheme without kv bits"
             )
-        attn.safequant_kv = spec
+        setattr(attn, KV_SPEC_ATTR, spec)
     return [n for n, _ in attns]
 
 
 def disable_kv_quant(model: nn.Module) -> None:
     """Undo :func:`enable_kv_quant`: drop the specs and restore the original attention implementation."""
     for _, attn in find_attention_modules(model):
-        if hasattr(attn, "safequant_kv"):
-            del attn.safequant_kv
+        if hasattr(attn, KV_SPEC_ATTR):
+            delattr(attn, KV_SPEC_ATTR)
     orig = getattr(model, "_safequant_orig_attn", None)
     if orig is not None:
         model.set_attn_implementation(orig)

@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .base import QuantizerError
+from .errors import QuantizerError
 
 __all__ = ["QuantScheme", "VALID_BITS", "SCHEME_EXAMPLES"]
 

@@ -57,7 +57,7 @@ from torch.nn.utils import parametrize
 
 from .base import QuantContext, Quantizer, QuantizerError
 from .gptq import GPTQOptions, quantize_weights
-from .modules import OnlineTransform, enable_kv_quant, register_online_transform
+from .modules import OnlineTransform, enable_kv_quant, register_online_transform, set_qk_transform
 from .rtn import RTNOptions
 from .scheme import QuantScheme
 
@@ -659,8 +659,8 @@ def install_online_hadamards(
     The down_proj and o_proj ones are returned as ``{qualified name: module}`` for the ``input_transforms`` of
     :func:`~quantizers.modules.quantize_linear_layers` / ``quantize_weights``; their inverse is added
     to ``builder`` (if given) as the down_proj weight's last consumer step, so add them after the
-    up -> down scale site. The Q/K ones are set as each attention module's
-    ``safequant_qk_transform`` (applied to both, so q.k and the weights are unchanged).
+    up -> down scale site. The Q/K ones are installed on each attention module with
+    :func:`~quantizers.modules.set_qk_transform` (applied to both, so q.k and the weights are unchanged).
     """
     transforms: dict[str, OnlineHadamard] = {}
     device = parts.embed.weight.device
@@ -678,7 +678,7 @@ def install_online_hadamards(
             builder.consume(lp.o, OnlineOp(h))
     if qk:
         for lp in parts.layers:
-            lp.attn.safequant_qk_transform = OnlineHadamard.random(parts.head_dim, generator).to(device)
+            set_qk_transform(lp.attn, OnlineHadamard.random(parts.head_dim, generator).to(device))
     return transforms
 
 

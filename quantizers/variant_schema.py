@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import QuantizerError
+from .errors import QuantizerError
 from .scheme import QuantScheme
 
 FULL_PRECISION = 16
