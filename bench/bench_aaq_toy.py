@@ -36,11 +36,13 @@ SETS = ("harmful", "benign", "overrefusal")
 
 def audit(out: Path, variants: list[str], base: str, args) -> dict:
     from harness.audit import Audit
+    from harness.calibration_data import CalibrationOptions
     from harness.config import AuditConfig
 
     config = AuditConfig(model="toy-chat", base=base, variants=variants, out=str(out), limit=args.limit,
                          judges=["refusal-phrases"], first_token=False, probes=False, report=False,
-                         device="cpu", seed=args.seed, calib_samples=args.calib_samples, calib_len=args.calib_len)
+                         device="cpu", seed=args.seed,
+                         calibration=CalibrationOptions(samples=args.calib_samples, length=args.calib_len))
     return Audit(config).run(command="bench/bench_aaq_toy.py")
 
 
@@ -112,16 +114,21 @@ def section_grid(args) -> None:
 
 COST_CHILD = """
 import json, resource, sys, time, torch
-from harness.models import load_model
-from harness.quantize import CalibrationOptions, quantize_variant, resolve_base
+from harness import quantize as maker
+from harness.calibration_data import CalibrationOptions
+from harness.config import VariantSpec
+from harness.models import load_model, resolve_model
 from quantizers import QuantScheme
 method, scheme, samples, length, options = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
 torch.set_num_threads(int(sys.argv[6]))
+spec = VariantSpec(method, method, QuantScheme.parse(scheme), options)
+variants = maker.check([spec], resolve_model("toy-chat"), maker.VariantSettings(
+    base="toy-base", calibration=CalibrationOptions(samples=samples, length=length), device="cpu"))
 subject = load_model("toy-chat", device="cpu")
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-base = resolve_base("toy-base" if method == "aaq" else None, subject)
-v = quantize_variant(method, QuantScheme.parse(scheme), options, subject, base, CalibrationOptions(samples=samples, length=length), 0)
+variants.prepare(subject)
+v = variants.make(spec, subject)
 print(json.dumps({"seconds": time.perf_counter() - t0, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rss0_kib": rss0}))
 """
 

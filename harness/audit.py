@@ -6,9 +6,12 @@ Order of work (and why):
    what needs the model (prompt lengths against its context, --calib-len, --probe-layers) right
    after it loads, still before the run directory is made and locked for the rest of the run.
 2. Load the subject model once; each variant quantizes its own copy, so FP stays the reference.
-3. Per variant, per prompt set: reuse cached rows, generate only the missing prompts, append
-   rows per batch (resume point), then perplexity (cached too), then rewrite summary.json and
-   rows.jsonl atomically and re-render the report.
+3. Per variant (made by the variant maker, harness/quantize.py), per prompt set: reuse cached
+   rows, generate only the missing prompts, append rows per batch (resume point), then perplexity
+   (cached too), then a cheap record of the variants so far (summary.json without statistics,
+   rows.jsonl, both atomic).
+4. Once at the end: the statistics, the probe figures and the report, so their cost does not
+   grow with the square of the number of variants.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import harness
+from harness import quantize as variant_maker
 from harness.coherence import response_logprobs
 from harness.config import AuditConfig, VariantSpec
 from harness.errors import UserError
@@ -37,9 +40,7 @@ from harness.first_token import first_token_refusal_prob
 from harness.judge_validation import load_error_profiles
 from harness.judges import get_judges, judge_all
 from harness.models import (SMOL_FAMILY, LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model,
-                            tokenizer_fingerprint, unaligned_base)
-from harness.quantize import (ABLATED, BaseReference, check_calibration_inputs, check_calibration_overlap,
-                              check_context, load_saved_variant, quantize_variant, resolve_base, resolve_probe_model)
+                            tokenizer_fingerprint)
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from harness.prompts import PromptSet
 from harness.stats import (annotate_flips, default_pairs, first_token_summary, incoherent_by_set, pairwise_block,
@@ -49,7 +50,6 @@ from probes.capture import count_layers, parse_layers
 from probes.errors import ProbeError
 from probes.slr import check_classes
 from probes.suite import ProbeSuite
-from quantizers import get_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +87,19 @@ class Audit:
 
     def __init__(self, config: AuditConfig):
         config.validate()
-        if config.base == "auto":
-            config = dataclasses.replace(config, base=unaligned_base(config.model))
-        self.config = config
         self.variants: list[VariantSpec] = config.variant_specs()
         self.pairs = config.variant_pairs(self.variants)
         self.prompt_sets: list[PromptSet] = load_benchmarks(config.prompt_sets, data_dir=config.data_dir, limit=config.limit)
         self.subject_source = resolve_model(config.model)
-        ablated = isinstance(config.base, str) and config.base.lower() == ABLATED
-        self.base_source = resolve_model(config.base) if config.base and not ablated else None
-        if self._needs_base() and not config.base:
-            raise UserError("a variant needs the unaligned base model (e.g. aaq): pass --base MODEL or --base ablated")
-        self.calib = config.calibration()
-        self.evaluation = [(ps.name, r.id, r.prompt) for ps in self.prompt_sets for r in ps.records]
-        check_calibration_inputs(self.calib, self.subject_source.kind, config.seed, text=self._calibrates(),
-                                 prompts=ablated and self._needs_base())
-        for spec in self.variants:
-            if not spec.artifact:
-                check_calibration_overlap(spec.method, self.calib, self.evaluation)
+        self.maker = variant_maker.check(
+            self.variants, self.subject_source,
+            variant_maker.VariantSettings(
+                base=config.base, calibration=config.calibration, probe_model=config.probe_model,
+                ablate_layer=config.ablate_layer, seed=config.seed, system_prompt=config.system_prompt,
+                device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code),
+            evaluation=[(ps.name, r.id, r.prompt) for ps in self.prompt_sets for r in ps.records])
+        self.config = config = dataclasses.replace(config, base=self.maker.base)  # "auto" as the model it names
+        self.base_source = self.maker.base_source  # the base model the summary names (None: none or ablated)
         self.ppl = _ppl_settings(config, self.subject_source)
         self.ppl_text = load_text(self.ppl.source)
         self.judges = get_judges(config.judges)
@@ -117,20 +112,15 @@ class Audit:
         self.run_dir = Path(config.out)
         check_writable(self.run_dir)
         self.store = RunStore(self.run_dir, config.cache_path())
-        # Set by run(): the probe suite (None when skipped, with the reason) and Q-realign's probe model.
+        # Set by run(): the FP model that scores every variant's responses (incoherence), and the
+        # probe suite (None when skipped, with the reason).
+        self.fp_model: torch.nn.Module | None = None
         self.probes: ProbeSuite | None = None
         self.probe_skip_reason: str | None = None
-        self.probe_model: torch.nn.Module | None = None
-
-    def _needs_base(self) -> bool:
-        return any(getattr(get_quantizer(v.method), "needs_base_model", False) for v in self.variants if not v.artifact)
-
-    def _calibrates(self) -> bool:
-        return any(getattr(get_quantizer(v.method), "requires_calibration", False) for v in self.variants if not v.artifact)
 
     def _check_loaded(self, subject: LoadedModel) -> None:
         """The checks that need the model (its context, its depth), before any run directory is made."""
-        check_context(self.calib, subject.model, text=self._calibrates())
+        self.maker.check_loaded(subject)
         limit = getattr(subject.model.config, "max_position_embeddings", None)
         for ps in self.prompt_sets:
             for r in ps.records:
@@ -152,29 +142,22 @@ class Audit:
         log.info("loading %s", self.subject_source.spec)
         subject = load_model(self.subject_source, self.config.device, self.config.dtype, self.config.trust_remote_code)
         self._check_loaded(subject)
-        self.fp_model = subject.model  # scores every variant's responses (incoherence)
+        self.fp_model = subject.model
         with self.store.locked():  # one audit per run directory; a second fails at once
             return self._run(subject, command)
 
     def _run(self, subject: LoadedModel, command: str) -> dict:
         started = time.perf_counter()
-        base = BaseReference(None, None)
-        if self._needs_base():
-            base = resolve_base(self.config.base, subject, device=self.config.device, dtype=self.config.dtype,
-                                trust_remote_code=self.config.trust_remote_code, calib=self.calib,
-                                ablate_layer=self.config.ablate_layer)
+        self.maker.prepare(subject)  # the base and probe models the variants need, once
         summary = self._summary_header(subject, command)
         self.probes = self._probe_suite(subject)
         if self.probes is None and self.config.probes:
             summary["probes"] = {"skipped": self.probe_skip_reason}
         all_rows: list[dict] = []
-        if any(getattr(get_quantizer(v.method), "uses_calibration_prompts", False) for v in self.variants if not v.artifact):
-            self.probe_model = resolve_probe_model(self.config.probe_model, subject, device=self.config.device,
-                                                   dtype=self.config.dtype, trust_remote_code=self.config.trust_remote_code)
         reference = self.variants[0].name
         judge_names = [j.name for j in self.judges]
         for spec in self.variants:
-            record, rows = self._run_variant(spec, subject, base)
+            record, rows = self._run_variant(spec, subject)
             summary["variants"].append(record)
             all_rows.extend(rows)
             self._finish_metrics(summary)
@@ -212,19 +195,11 @@ class Audit:
                 + pairwise_block(rows, default, origin="default", **settings))
 
     # -- one variant ----------------------------------------------------------------------------
-    def _run_variant(self, spec: VariantSpec, subject: LoadedModel, base: BaseReference):
+    def _run_variant(self, spec: VariantSpec, subject: LoadedModel):
         log.info("variant %s: %s (%s, %s)", spec.name, "loading" if spec.artifact else "quantizing",
                  spec.method, spec.scheme.label)
         seed_everything(self.config.seed)
-        evaluation = self.evaluation
-        device = next(subject.model.parameters()).device
-        if spec.artifact:
-            variant, _ = load_saved_variant(spec.artifact, subject, device=device, dtype=next(subject.model.parameters()).dtype,
-                                            evaluation=evaluation, calib=self.calib)
-        else:
-            variant = quantize_variant(spec.method, spec.scheme, spec.options, subject, base, self.calib,
-                                       self.config.seed, evaluation=evaluation, probe_model=self.probe_model,
-                                       system_prompt=self.config.system_prompt)
+        variant = self.maker.make(spec, subject)
         model = variant.model
         quantize_seconds = variant.seconds
         if self.probes is not None:
@@ -345,7 +320,7 @@ class Audit:
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "safequant_version": harness.__version__,
             "command": command,
-            "config": asdict(self.config),
+            "config": self.config.settings(),
             "models": {"subject": subject.describe(),
                        "base": ({"name": self.base_source.name, "spec": self.base_source.spec} if self.base_source
                                 else {"name": self.config.base, "spec": self.config.base} if self.config.base else None)},

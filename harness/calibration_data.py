@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from harness.errors import UserError
 
@@ -45,6 +46,7 @@ __all__ = [
     "BUILTIN_CALIBRATION",
     "CHAT_PREFIX",
     "CALIBRATION_PROMPTS",
+    "CalibrationOptions",
 ]
 
 BUILTIN_CALIBRATION = ("toy-pretrain", "chat:calibration")
@@ -228,11 +230,12 @@ def load_calibration_prompts(source: str = "calibration") -> list[dict[str, str]
 
 @dataclass(frozen=True)
 class CalibrationOptions:
-    """Calibration settings shared by `quantize` and `audit` (CLI ``--calib-*``).
+    """Calibration settings shared by `quantize`, `audit` and `probe` (CLI ``--calib-*``).
 
     ``text="auto"``: the toy pretraining text for bundled toy models, WikiText-2 train through
     ``datasets`` otherwise. ``prompts``: labelled prompts for prompt-based methods (Q-realign,
-    ``--base ablated``), by default the built-in ``calibration`` set.
+    ``--base ablated``), by default the built-in ``calibration`` set. ``allow_overlap``: evaluate
+    even on prompts a method calibrated on.
     """
 
     text: str = "auto"
@@ -242,6 +245,22 @@ class CalibrationOptions:
     span: str = "0:1"
     prompts: str = "calibration"
     allow_overlap: bool = False
+
+    #: Outside names of the fields: the audit config file's keys and the ``--calib-*`` flags'
+    #: argparse destinations (one spelling for both, kept from before the options were grouped).
+    KEYS: ClassVar[dict[str, str]] = {"calib_text": "text", "calib_samples": "samples", "calib_len": "length",
+                                      "calib_batch": "batch", "calib_span": "span", "calib_prompts": "prompts",
+                                      "allow_overlap": "allow_overlap"}
+
+    @classmethod
+    def from_keys(cls, values: Mapping[str, Any], base: CalibrationOptions | None = None) -> CalibrationOptions:
+        """The options named by ``values``' outside keys (:data:`KEYS`; None or absent: ``base``'s)."""
+        given = {field: values[key] for key, field in cls.KEYS.items() if values.get(key) is not None}
+        return replace(base or cls(), **given)
+
+    def as_keys(self) -> dict[str, Any]:
+        """The options under their outside keys (the audit config file's spelling)."""
+        return {key: getattr(self, field) for key, field in self.KEYS.items()}
 
     def spec(self, model_kind: str, seed: int) -> CalibrationSpec:
         text = self.text

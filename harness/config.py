@@ -8,15 +8,17 @@ before a model is loaded or a directory is made, so bad input costs nothing.
 
 from __future__ import annotations
 
+import copy
 import math
 import tomllib
 import unicodedata
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, get_type_hints
 
 from pydantic import ConfigDict, ValidationError, create_model
 
+from harness.calibration_data import CalibrationOptions
 from harness.errors import UserError
 from reports.validation import describe_validation_error
 
@@ -177,13 +179,8 @@ class AuditConfig:
     system_prompt: str | None = None
     trust_remote_code: bool = False
     report: bool = True
-    calib_text: str = "auto"
-    calib_samples: int = 32
-    calib_len: int = 256
-    calib_batch: int = 4
-    calib_span: str = "0:1"
-    calib_prompts: str = "calibration"
-    allow_overlap: bool = False
+    #: written as the flat keys ``calib_text``, ``calib_samples``, ... in files, flags and the summary
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     ablate_layer: int | None = None
     probe_model: str = "auto"
     #: head-to-head comparisons `A=B` (A against B); the default pairs are added to these
@@ -203,12 +200,22 @@ class AuditConfig:
                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safequant")
         return None if chosen.strip().lower() in ("none", "off", "") else Path(chosen).expanduser()
 
-    def calibration(self):
-        """The calibration settings as :class:`harness.quantize.CalibrationOptions`."""
-        from harness.calibration_data import CalibrationOptions
+    def settings(self) -> dict:
+        """The config as its file keys: every field, the calibration options flattened to their
+        ``calib_*`` keys in the place of ``calibration`` (what the summary records as ``config``)."""
+        out: dict = {}
+        for f in fields(self):
+            if f.name == "calibration":
+                out.update(self.calibration.as_keys())
+            else:
+                out[f.name] = copy.deepcopy(getattr(self, f.name))
+        return out
 
-        return CalibrationOptions(self.calib_text, self.calib_samples, self.calib_len, self.calib_batch,
-                                  self.calib_span, self.calib_prompts, self.allow_overlap)
+    @classmethod
+    def from_settings(cls, values: dict) -> "AuditConfig":
+        """The config from file keys (:meth:`settings`'s spelling); absent keys keep their defaults."""
+        own = {k: v for k, v in values.items() if k not in CalibrationOptions.KEYS}
+        return cls(**own, calibration=CalibrationOptions.from_keys(values))
 
     @classmethod
     def from_toml(cls, path: str) -> "AuditConfig":
@@ -222,7 +229,7 @@ class AuditConfig:
         data = data.get("audit", data)
         if not isinstance(data, dict):
             raise UserError(f"config file {path!r}: [audit] must be a table of settings")
-        known = {f.name for f in fields(cls)}
+        known = set(_FILE_KEYS)
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"config file {path!r} has unknown keys {unknown}: valid keys are {sorted(known)}")
@@ -232,12 +239,13 @@ class AuditConfig:
             _CONFIG_SCHEMA.model_validate(data)
         except ValidationError as exc:
             raise UserError(f"config file {path!r}: {describe_validation_error(exc)}; fix that key") from None
-        return cls(**data)
+        return cls.from_settings(data)
 
     def with_overrides(self, overrides: dict) -> "AuditConfig":
-        values = asdict(self)
+        """This config with the given file keys replaced (None: keep), e.g. from CLI flags."""
+        values = self.settings()
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return AuditConfig(**values)
+        return AuditConfig.from_settings(values)
 
     def variant_specs(self) -> list[VariantSpec]:
         specs = [parse_variant(v) for v in self.variants]
@@ -289,7 +297,15 @@ class AuditConfig:
             raise UserError(f"--probe-layers {self.probe_layers!r}: {exc}") from None
 
 
-#: The TOML file's schema: the dataclass's own fields and types, strict (a string is never a number).
+def _file_key_types() -> dict:
+    """Each file key's type: the dataclass's own fields, the calibration options under their keys."""
+    own = {k: v for k, v in get_type_hints(AuditConfig).items() if k != "calibration"}
+    calib = get_type_hints(CalibrationOptions)
+    return {**own, **{key: calib[name] for key, name in CalibrationOptions.KEYS.items()}}
+
+
+_FILE_KEYS = _file_key_types()
+#: The TOML file's schema: the file keys and their types, strict (a string is never a number).
 _CONFIG_SCHEMA = create_model("AuditConfigFile", __config__=ConfigDict(strict=True, extra="forbid"),
-                              **{name: (hint, None) for name, hint in get_type_hints(AuditConfig).items()})
+                              **{name: (hint, None) for name, hint in _FILE_KEYS.items()})
 _LIST_KEYS = {f.name for f in fields(AuditConfig) if str(f.type).startswith("list[")}

@@ -1,11 +1,20 @@
-"""Turning a variant spec into a quantized model: one path for `safequant quantize` and the audit.
+"""The variant maker: the one way `safequant quantize`, `audit` and `probe` turn variants into models.
 
-Both commands resolve the unaligned reference (`--base`: a model, `none`, or `ablated`), draw
-calibration data only for methods that need it, hand calibration prompts to prompt-based methods
-after checking them against the evaluation prompts, run the quantizer, and describe what was
-done (options, metadata, calibration fingerprint, time) for variant.json and the run summary.
-Saved variant folders are loaded here too, so an audit of a saved variant and of the same
-variant quantized in memory go through the same bookkeeping.
+In the spirit of llm-compressor's single ``oneshot(model, recipe, dataset)`` entry, in two steps:
+
+* :func:`check` (cheap, before any model loads) validates everything the variants need and
+  returns a :class:`VariantMaker`: the base model (``--base``, ``auto`` from
+  :data:`harness.models.UNALIGNED_BASES`, ``ablated``, ``none``), the calibration text and
+  prompts, the evaluation prompts against the calibration prompts (of methods that calibrate on
+  prompts and of saved variants that did), and that each method can produce its scheme.
+* :meth:`VariantMaker.prepare` right after the subject loads (calibration windows against its
+  context, saved variants against its fingerprint, then the base and probe models, once), and
+  :meth:`VariantMaker.make` for each variant: a quantized copy of the subject, or a saved
+  folder loaded as saved, described the same way (options, metadata, calibration fingerprint,
+  time) for variant.json and the run summary.
+
+What a method needs is read from its quantizer class flags (``requires_calibration``,
+``needs_base_model``, ``uses_calibration_prompts``) in one place, :meth:`Needs.of`.
 """
 
 from __future__ import annotations
@@ -15,28 +24,66 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from harness.calibration_data import (CHAT_PREFIX, CalibrationOptions, calibration_text, load_calibration,
                                       load_calibration_prompts)
+from harness.config import VariantSpec
 from harness.errors import UserError
-from harness.models import ALIGNED_PARENTS, LoadedModel, load_model, resolve_model
-from quantizers import QuantContext, QuantScheme, build_quantizer, get_quantizer
+from harness.models import ALIGNED_PARENTS, LoadedModel, ModelSource, load_model, resolve_model, unaligned_base
 
-__all__ = ["CalibrationOptions", "BaseReference", "QuantizedVariant", "resolve_base", "resolve_probe_model",
-           "quantize_variant", "load_saved_variant", "calibration_overlap", "check_calibration_overlap", "ABLATED", "ALIGNED_PARENTS",
-           "check_calibration_inputs", "check_context", "hub_offline"]
+if TYPE_CHECKING:  # torch and the quantizer modules load with the first variant that needs them
+    from torch import nn
+
+    from quantizers import Quantizer
+
+__all__ = ["ABLATED", "BaseReference", "Needs", "QuantizedVariant", "VariantMaker", "VariantSettings", "base_name",
+           "calibration_overlap", "check", "hub_offline"]
 
 log = logging.getLogger(__name__)
 
 #: ``--base ablated``: build the unaligned reference from the subject by refusal-direction ablation.
 ABLATED = "ablated"
+
+
+@dataclass(frozen=True)
+class VariantSettings:
+    """How variants are made: the settings `quantize`, `audit` and `probe` share (their ``--base``,
+    ``--calib-*``, ``--probe-model``, ``--ablate-layer``, ``--seed`` and ``--system-prompt``)."""
+
+    base: str | None = "auto"
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    probe_model: str | None = "auto"
+    ablate_layer: int | None = None
+    seed: int = 0
+    #: the evaluation's system prompt: a method with a ``system_prompt`` option (Q-realign renders
+    #: its calibration prompts in the chat template) gets it unless the variant sets its own
+    system_prompt: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a set of variants needs besides the subject, from its quantizers' class flags."""
+
+    text: bool = False  #: calibration text windows (``requires_calibration``)
+    prompts: bool = False  #: labelled calibration prompts (``uses_calibration_prompts``)
+    base: bool = False  #: the unaligned base model (``needs_base_model``)
+
+    @classmethod
+    def of(cls, specs: Iterable[VariantSpec]) -> Needs:
+        """The needs of the variants to quantize; saved variants (already made) need nothing."""
+        from quantizers import get_quantizer
+
+        classes = [get_quantizer(s.method) for s in specs if not s.artifact]
+        return cls(text=any(c.requires_calibration for c in classes),
+                   prompts=any(c.uses_calibration_prompts for c in classes),
+                   base=any(c.needs_base_model for c in classes))
 
 
 @dataclass
@@ -54,47 +101,226 @@ class QuantizedVariant:
     model: nn.Module
     seconds: float
     record: dict[str, Any] = field(default_factory=dict)
+    #: the tokenizer saved with a variant folder (None for a variant quantized in memory)
+    tokenizer: Any = None
 
 
-def resolve_base(base: str | None, subject: LoadedModel, *, device: str = "auto", dtype: str = "auto",
-                 trust_remote_code: bool = False, calib: CalibrationOptions | None = None,
-                 ablate_layer: int | None = None) -> BaseReference:
-    """Load the base model named by ``base``; ``"ablated"`` builds it from the subject; None: no base."""
-    if base is None or base.lower() == "none":
-        return BaseReference(None, None)
-    if base.lower() == ABLATED:
-        from harness.ablation import ablate_refusal
-
-        started = time.perf_counter()
-        result = ablate_refusal(subject.model, subject.tokenizer, layer=ablate_layer,
-                                prompts=(calib or CalibrationOptions()).prompts)
-        return BaseReference(result.model, {"name": ABLATED, "spec": ABLATED, "from": subject.fingerprint,
-                                            **result.describe(), "seconds": round(time.perf_counter() - started, 2)})
-    loaded = load_model(resolve_model(base), device, dtype, trust_remote_code)
-    check_pair(subject, loaded)
-    return BaseReference(loaded.model, loaded.describe())
-
-
-def resolve_probe_model(spec: str | None, subject: LoadedModel, *, device: str = "auto", dtype: str = "auto",
-                        trust_remote_code: bool = False) -> nn.Module | None:
-    """The aligned model that probe-based methods (Q-realign) fit their probes on.
-
-    ``"auto"``: the known aligned parent of a bundled model (toy-chat for toy-chat-eroded), else the
-    subject itself (``None``); ``"subject"``/``"none"``: the subject; anything else is loaded as a
-    model and must share the subject's hidden size and tokenizer vocabulary.
-    """
-    if spec is None or spec.lower() in ("none", "subject"):
+def base_name(base: str | None, subject: str) -> str | None:
+    """``--base`` as a model name: ``auto`` is the subject's unaligned base when it is a bundled
+    model (:data:`harness.models.UNALIGNED_BASES`, else none); ``none`` or None: no base."""
+    if base == "auto":
+        base = unaligned_base(subject)
+    if base is None or base.strip().lower() == "none":
         return None
-    if spec == "auto":
-        spec = ALIGNED_PARENTS.get(subject.source.spec)
-        if spec is None:
+    return ABLATED if base.strip().lower() == ABLATED else base
+
+
+def check(specs: Sequence[VariantSpec], subject: ModelSource, settings: VariantSettings, *,
+          evaluation: Sequence[tuple[str, str, str]] = ()) -> VariantMaker:
+    """Validate, before any model loads, everything ``specs`` need to be made from ``subject``.
+
+    ``evaluation`` yields ``(set, id, prompt)`` of every prompt the variants will be evaluated or
+    probed on: none may be a prompt a variant calibrates (or was calibrated) on, unless
+    ``settings.calibration.allow_overlap``. Raises :class:`UserError` naming the input and the fix.
+    """
+    return VariantMaker(list(specs), subject, settings, list(evaluation))
+
+
+class VariantMaker:
+    """Makes the variants :func:`check` accepted (build it with :func:`check`)."""
+
+    def __init__(self, specs: list[VariantSpec], subject: ModelSource, settings: VariantSettings,
+                 evaluation: list[tuple[str, str, str]]) -> None:
+        self.specs, self.subject_source, self.settings, self.evaluation = specs, subject, settings, evaluation
+        self.calib = settings.calibration
+        self.needs = Needs.of(specs)
+        self.quantizers = {s.name: _build(s, settings.system_prompt) for s in specs if not s.artifact}
+        #: the base model's name (``auto`` resolved) whether or not a variant needs it; the audit records it
+        self.base = base_name(settings.base, subject.spec)
+        self.base_source = resolve_model(self.base) if self.base not in (None, ABLATED) else None
+        if self.needs.base and self.base is None:
+            first = next(s for s in specs if not s.artifact and Needs.of([s]).base)
+            raise UserError(f"variant {first.name} ({first.method}) needs the unaligned base model: pass --base MODEL "
+                            "or --base ablated")
+        ablated = self.needs.base and self.base == ABLATED
+        check_calibration_inputs(self.calib, subject.kind, settings.seed, text=self.needs.text,
+                                 prompts=self.needs.prompts or ablated)
+        if self.needs.prompts:
+            prompts = load_calibration_prompts(self.calib.prompts)
+            for spec in specs:
+                if not spec.artifact and Needs.of([spec]).prompts:
+                    self._check_overlap(prompts, spec.method, self.calib.prompts)
+        #: variant.json of each saved variant, by folder
+        self._saved = {s.artifact: self._check_saved(s) for s in specs if s.artifact}
+        self.base_model = BaseReference(None, None)
+        self.probe_model: nn.Module | None = None
+
+    # -- after the subject loads ----------------------------------------------------------------
+    def check_loaded(self, subject: LoadedModel) -> None:
+        """Right after the subject loads, before any work: the checks that need it (calibration
+        windows against its context, saved variants against its fingerprint)."""
+        limit = getattr(getattr(subject.model, "config", None), "max_position_embeddings", None)
+        if self.needs.text and isinstance(limit, int) and self.calib.length > limit:
+            raise UserError(f"--calib-len {self.calib.length} is longer than the model's {limit}-token context: "
+                            f"pass --calib-len {limit} or less")
+        for path, info in self._saved.items():
+            _check_source(path, info, subject)
+
+    def prepare(self, subject: LoadedModel) -> None:
+        """Load what the variants need besides the subject, once for all of them: the base model
+        (or ablate it from the subject), then the aligned model Q-realign fits its probes on."""
+        if self.needs.base:
+            self.base_model = self._load_base(subject)
+        if self.needs.prompts:
+            self.probe_model = self._load_probe_model(subject)
+
+    def make(self, spec: VariantSpec, subject: LoadedModel) -> QuantizedVariant:
+        """The variant ``spec`` of ``subject``: loaded from its folder, or a quantized copy of the
+        subject (``fp`` is the subject itself), with its record."""
+        if spec.artifact:
+            return self._load_saved(spec.artifact, subject)
+        return self._quantize(spec, subject)
+
+    # -- the check step's parts -----------------------------------------------------------------
+    def _check_overlap(self, calibration: list[dict], method: str, source: str) -> None:
+        if not self.evaluation or self.calib.allow_overlap:
+            return
+        clash = calibration_overlap(calibration, self.evaluation)
+        if clash:
+            raise UserError(f"{len(clash)} evaluation prompts (e.g. {clash[0]}) are also {method} calibration prompts "
+                            f"(--calib-prompts {source}): evaluate on other prompts, calibrate on other prompts, "
+                            "or pass --allow-calibration-overlap")
+
+    def _check_saved(self, spec: VariantSpec) -> dict:
+        """A saved variant's variant.json, its calibration prompts (recorded by id) checked against
+        the evaluation."""
+        from quantizers import QuantizerError
+        from quantizers.artifact import read_variant_info
+
+        try:
+            info = read_variant_info(spec.artifact)
+        except QuantizerError as exc:
+            raise UserError(f"variant {spec.artifact!r}: {exc}") from None
+        used = info.get("calibration_prompts") or {}
+        if used.get("ids"):
+            ids = set(used["ids"])
+            records = ([r for r in load_calibration_prompts(used["source"]) if r["id"] in ids] if used.get("source")
+                       else [{"id": i} for i in used["ids"]])
+            self._check_overlap(records, info["method"], used.get("source", "?"))
+        return info
+
+    # -- the make step's parts ------------------------------------------------------------------
+    def _load_base(self, subject: LoadedModel) -> BaseReference:
+        """The unaligned base: loaded and checked against the subject, or ablated from it."""
+        if self.base == ABLATED:
+            from harness.ablation import ablate_refusal
+
+            started = time.perf_counter()
+            result = ablate_refusal(subject.model, subject.tokenizer, layer=self.settings.ablate_layer,
+                                    prompts=self.calib.prompts)
+            return BaseReference(result.model, {"name": ABLATED, "spec": ABLATED, "from": subject.fingerprint,
+                                                **result.describe(), "seconds": round(time.perf_counter() - started, 2)})
+        loaded = self._load(self.base_source)
+        check_pair(subject, loaded)
+        return BaseReference(loaded.model, loaded.describe())
+
+    def _load_probe_model(self, subject: LoadedModel) -> nn.Module | None:
+        """The aligned model that probe-based methods (Q-realign) fit their probes on.
+
+        ``"auto"``: the known aligned parent of a bundled model (toy-chat for toy-chat-eroded),
+        else the subject itself (``None``); ``"subject"``/``"none"``: the subject; anything else is
+        loaded as a model and must share the subject's hidden size and tokenizer vocabulary.
+        """
+        spec = self.settings.probe_model
+        if spec is None or spec.lower() in ("none", "subject"):
             return None
-    loaded = load_model(resolve_model(spec), device, dtype, trust_remote_code)
-    if loaded.model.config.hidden_size != subject.model.config.hidden_size or len(loaded.tokenizer) != len(subject.tokenizer):
-        raise UserError(f"--probe-model {spec!r} (hidden {loaded.model.config.hidden_size}) does not match "
-                        f"{subject.source.spec!r} (hidden {subject.model.config.hidden_size}): probes must come from "
-                        "the aligned model of the same family")
-    return loaded.model
+        if spec == "auto":
+            spec = ALIGNED_PARENTS.get(subject.source.spec)
+            if spec is None:
+                return None
+        loaded = self._load(resolve_model(spec))
+        if (loaded.model.config.hidden_size != subject.model.config.hidden_size
+                or len(loaded.tokenizer) != len(subject.tokenizer)):
+            raise UserError(f"--probe-model {spec!r} (hidden {loaded.model.config.hidden_size}) does not match "
+                            f"{subject.source.spec!r} (hidden {subject.model.config.hidden_size}): probes must come "
+                            "from the aligned model of the same family")
+        return loaded.model
+
+    def _load(self, source: ModelSource) -> LoadedModel:
+        return load_model(source, self.settings.device, self.settings.dtype, self.settings.trust_remote_code)
+
+    def _quantize(self, spec: VariantSpec, subject: LoadedModel) -> QuantizedVariant:
+        """Quantize a copy of the subject (``fp`` returns the subject itself) and describe it."""
+        from quantizers import QuantContext
+
+        quantizer, needs, seed = self.quantizers[spec.name], Needs.of([spec]), self.settings.seed
+        base = self.base_model if needs.base else BaseReference(None, None)
+        calibration = None
+        ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=subject.model, base_model=base.model,
+                           device=next(subject.model.parameters()).device, seed=seed,
+                           probe_model=self.probe_model if needs.prompts else None)
+        if needs.text:
+            calibration = load_calibration(self.calib.spec(subject.source.kind, seed), subject.tokenizer, subject.model)
+            ctx.calibration_batches = calibration.batches
+        prompt_meta = None
+        if needs.prompts:
+            ctx.calibration_prompts = load_calibration_prompts(self.calib.prompts)
+            prompt_meta = {"source": self.calib.prompts, "ids": [r["id"] for r in ctx.calibration_prompts]}
+        started = time.perf_counter()
+        model = subject.model if spec.method == "fp" else copy.deepcopy(subject.model)
+        model = quantizer.apply(model, spec.scheme, ctx)
+        model.eval()
+        seconds = time.perf_counter() - started
+        used = quantizer.metadata.get("calibration_prompts") if isinstance(quantizer.metadata, dict) else None
+        if prompt_meta is not None and isinstance(used, dict) and used.get("ids"):
+            prompt_meta["ids"] = list(used["ids"])  # the subset the method actually calibrated on
+        record = {
+            "method": spec.method, "scheme": spec.scheme.label, "options": quantizer.options_dict(),
+            "metadata": quantizer.metadata, "calibration": calibration.describe() if calibration else None,
+            "calibration_prompts": prompt_meta, "base": base.description,
+            "seconds": round(seconds, 3),
+            "source_model": {"spec": subject.source.spec, "fingerprint": subject.fingerprint},
+        }
+        return QuantizedVariant(model, seconds, record)
+
+    def _load_saved(self, path: str, subject: LoadedModel) -> QuantizedVariant:
+        """A folder written by `safequant quantize`, on the subject's device and dtype."""
+        from quantizers.artifact import load_variant
+
+        first = next(subject.model.parameters())
+        model, tokenizer, info = load_variant(path, device=first.device, dtype=first.dtype)
+        _check_source(path, info, subject)
+        record = {k: info.get(k) for k in ("method", "scheme", "options", "metadata", "calibration",
+                                           "calibration_prompts", "base", "seconds", "source_model")}
+        record["artifact"] = str(path)
+        return QuantizedVariant(model, 0.0, record, tokenizer)
+
+
+def _build(spec: VariantSpec, system_prompt: str | None) -> Quantizer:
+    """The variant's quantizer, checked against its scheme. A method with a ``system_prompt``
+    option gets the evaluation's unless the variant sets its own, so that calibration and
+    evaluation see the same chat template (a pitfall of the released Q-realign code)."""
+    from quantizers import QuantizerError, build_quantizer, get_quantizer
+
+    options = spec.options
+    try:
+        if system_prompt is not None and "system_prompt" in get_quantizer(spec.method).option_names() \
+                and "system_prompt" not in options:
+            options = {**options, "system_prompt": system_prompt}
+        quantizer = build_quantizer(spec.method, options)
+        quantizer.check(spec.scheme)
+    except QuantizerError as exc:
+        raise UserError(f"variant {spec.name}: {exc}") from None
+    return quantizer
+
+
+def _check_source(path: str, info: dict, subject: LoadedModel) -> None:
+    """A saved variant must have been quantized from the subject (same fingerprint)."""
+    source = info["source_model"]["fingerprint"]  # required by the variant.json schema: never empty
+    if source != subject.fingerprint:
+        raise UserError(f"saved variant {path} was quantized from a model with fingerprint {source}, but the "
+                        f"subject {subject.source.spec!r} has {subject.fingerprint}: use it with --model "
+                        f"{info.get('source_model', {}).get('spec', 'the model it was made from')}")
 
 
 def check_pair(subject: LoadedModel, base: LoadedModel) -> None:
@@ -108,6 +334,7 @@ def check_pair(subject: LoadedModel, base: LoadedModel) -> None:
         raise UserError(f"base model {base.source.spec!r} (hidden {b_width}, tokenizer {len(base.tokenizer)}) does not "
                         f"match {subject.source.spec!r} (hidden {s_width}, tokenizer {len(subject.tokenizer)}): give "
                         "the base model of the same family, or --base ablated")
+
 
 def hub_offline() -> bool:
     """True when the Hugging Face hub must not be reached (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
@@ -135,14 +362,6 @@ def check_calibration_inputs(calib: CalibrationOptions, model_kind: str, seed: i
         load_calibration_prompts(calib.prompts)
 
 
-def check_context(calib: CalibrationOptions, model: nn.Module, *, text: bool) -> None:
-    """Right after the model loads, before any work: calibration windows must fit its context."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if text and isinstance(limit, int) and calib.length > limit:
-        raise UserError(f"--calib-len {calib.length} is longer than the model's {limit}-token context: "
-                        f"pass --calib-len {limit} or less")
-
-
 _WS = re.compile(r"\s+")
 
 
@@ -157,88 +376,3 @@ def calibration_overlap(calibration: Iterable[dict], evaluation: Iterable[tuple[
     ids = {str(r["id"]) for r in calib}
     texts = {_normalise(r["prompt"]) for r in calib if r.get("prompt")}
     return [f"{name}/{rid}" for name, rid, prompt in evaluation if str(rid) in ids or _normalise(prompt) in texts]
-
-
-def check_calibration_overlap(method: str, calib: CalibrationOptions, evaluation: list[tuple[str, str, str]]) -> None:
-    """Before anything runs: refuse evaluation prompts that ``method`` would calibrate on."""
-    if getattr(get_quantizer(method), "uses_calibration_prompts", False):
-        _check_overlap(load_calibration_prompts(calib.prompts), evaluation, calib, method)
-
-
-def _check_overlap(calibration: list[dict], evaluation: list[tuple[str, str, str]] | None, calib: CalibrationOptions,
-                   method: str) -> None:
-    if not evaluation or calib.allow_overlap:
-        return
-    clash = calibration_overlap(calibration, evaluation)
-    if clash:
-        raise UserError(f"{len(clash)} evaluation prompts (e.g. {clash[0]}) are also {method} calibration prompts "
-                        f"(--calib-prompts {calib.prompts}): evaluate on other prompts, calibrate on other prompts, "
-                        "or pass --allow-calibration-overlap")
-
-
-def quantize_variant(method: str, scheme: QuantScheme, options: dict[str, Any], subject: LoadedModel,
-                     base: BaseReference, calib: CalibrationOptions, seed: int, *,
-                     evaluation: list[tuple[str, str, str]] | None = None,
-                     probe_model: nn.Module | None = None, system_prompt: str | None = None) -> QuantizedVariant:
-    """Quantize a copy of the subject (``fp`` returns the subject itself) and describe it.
-
-    A method with a ``system_prompt`` option (Q-realign renders its calibration prompts with the
-    chat template) gets the evaluation's system prompt unless the variant sets its own, so that
-    calibration and evaluation see the same template (a pitfall of the released Q-realign code).
-    """
-    cls = get_quantizer(method)
-    if system_prompt is not None and "system_prompt" in cls.option_names() and "system_prompt" not in options:
-        options = {**options, "system_prompt": system_prompt}
-    quantizer = build_quantizer(method, options)
-    calibration = None
-    ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=subject.model, base_model=base.model,
-                       device=next(subject.model.parameters()).device, seed=seed, probe_model=probe_model)
-    if getattr(cls, "requires_calibration", False):
-        calibration = load_calibration(calib.spec(subject.source.kind, seed), subject.tokenizer, subject.model)
-        ctx.calibration_batches = calibration.batches
-    prompt_meta = None
-    if getattr(cls, "uses_calibration_prompts", False):
-        prompts = load_calibration_prompts(calib.prompts)
-        _check_overlap(prompts, evaluation, calib, method)
-        ctx.calibration_prompts = prompts
-        prompt_meta = {"source": calib.prompts, "ids": [r["id"] for r in prompts]}
-    started = time.perf_counter()
-    model = subject.model if method == "fp" else copy.deepcopy(subject.model)
-    model = quantizer.apply(model, scheme, ctx)
-    model.eval()
-    seconds = time.perf_counter() - started
-    used = quantizer.metadata.get("calibration_prompts") if isinstance(quantizer.metadata, dict) else None
-    if prompt_meta is not None and isinstance(used, dict) and used.get("ids"):
-        prompt_meta["ids"] = list(used["ids"])  # the subset the method actually calibrated on
-    record = {
-        "method": method, "scheme": scheme.label, "options": quantizer.options_dict(),
-        "metadata": quantizer.metadata, "calibration": calibration.describe() if calibration else None,
-        "calibration_prompts": prompt_meta, "base": base.description, "seconds": round(seconds, 3),
-        "source_model": {"spec": subject.source.spec, "fingerprint": subject.fingerprint},
-    }
-    return QuantizedVariant(model, seconds, record)
-
-
-def load_saved_variant(path: str, subject: LoadedModel | None, *, device: torch.device | str = "cpu",
-                       dtype: torch.dtype | None = None, evaluation: list[tuple[str, str, str]] | None = None,
-                       calib: CalibrationOptions | None = None) -> tuple[QuantizedVariant, Any]:
-    """Load a folder written by `safequant quantize`; check it was made from ``subject`` and that
-    its calibration prompts (if any) are not among the evaluation prompts."""
-    from quantizers.artifact import load_variant
-
-    model, tokenizer, info = load_variant(path, device=device, dtype=dtype)
-    source = info["source_model"]["fingerprint"]  # required by the variant.json schema: never empty
-    if subject is not None and source != subject.fingerprint:
-        raise UserError(f"saved variant {path} was quantized from a model with fingerprint {source}, but the audit's "
-                        f"subject {subject.source.spec!r} has {subject.fingerprint}: audit it with --model "
-                        f"{info.get('source_model', {}).get('spec', 'the model it was made from')}")
-    used = (info.get("calibration_prompts") or {})
-    if used.get("ids"):
-        records = [r for r in load_calibration_prompts(used["source"]) if r["id"] in set(used["ids"])] \
-            if used.get("source") else [{"id": i} for i in used["ids"]]
-        _check_overlap(records, evaluation, calib or CalibrationOptions(prompts=used.get("source", "?")), info["method"])
-    record = {k: info.get(k) for k in ("method", "scheme", "options", "metadata", "calibration", "calibration_prompts",
-                                       "base", "seconds", "source_model")}
-    record["artifact"] = str(path)
-    return QuantizedVariant(model, 0.0, record), tokenizer
-

@@ -4,6 +4,7 @@ and (slow) an end-to-end run on the eroded toy model that must raise its refusal
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -295,5 +296,5 @@ def test_audit_refuses_to_evaluate_on_calibration_prompts(tmp_path) -> None:
     with pytest.raises(UserError, match="also qrealign calibration prompts"):
         Audit(config)
     assert not (tmp_path / "run").exists()
-    config.allow_overlap = True
+    config.calibration = dataclasses.replace(config.calibration, allow_overlap=True)
     Audit(config)  # forced: accepted

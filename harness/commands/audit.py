@@ -7,7 +7,7 @@ import shlex
 import sys
 import time
 
-from harness.commands.quantize import add_calibration_args
+from harness.commands.variant_args import add_variant_args
 
 def _add_audit_args(p: argparse.ArgumentParser) -> None:
     from harness.config import AuditConfig
@@ -15,10 +15,6 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     d = AuditConfig()
     p.add_argument("--config", metavar="FILE", help="TOML file with audit settings (flags override it)")
     p.add_argument("--model", help=f"subject model: bundled name, local folder, .gguf file or hub id (default {d.model})")
-    p.add_argument("--base", help="unaligned base (PT) model of the subject for methods that need one (aaq), "
-                                  f"'ablated' to build it from the subject by refusal-direction ablation, or 'none' "
-                                  f"(default {d.base}: toy-base for the toy models, smol-base for the smol family, "
-                                  "none otherwise)")
     p.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="variants as [NAME=]METHOD[:SCHEME][:OPT=VAL,...] or [NAME=]DIR (a folder saved by "
                         "`safequant quantize`) "
@@ -61,7 +57,7 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
                         "$XDG_CACHE_HOME/safequant or ~/.cache/safequant)")
     p.add_argument("--no-cache", dest="cache_dir", action="store_const", const="none",
                    help="use no cache outside the run directory")
-    add_calibration_args(p)
+    add_variant_args(p)
 
 
 def _audit_config(args: argparse.Namespace):

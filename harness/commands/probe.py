@@ -12,6 +12,7 @@ import logging
 import re
 from pathlib import Path
 
+from harness.commands.variant_args import add_variant_args
 from harness.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ def parse_variants(texts: list[str]):
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    from harness import quantize as variant_maker
+    from harness.commands.variant_args import variant_settings
     from harness.generation import chat_prompt
     from harness.models import load_model, resolve_model
     from harness.store import check_writable
@@ -63,9 +68,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from probes.errors import ProbeError
     from probes.slr import check_classes
     from probes.suite import ProbeSettings, run_probe_suite
-    from harness.quantize import BaseReference, CalibrationOptions, load_saved_variant, quantize_variant
+    from reports.atomic import atomic_write
 
-    # Validate everything cheap before loading a model.
+    # Validate everything before loading a model, the variants' needs included (base model,
+    # calibration data, calibration prompts that are also probe prompts).
     specs = parse_variants(args.variant or [])
     hset, harmful = load_labelled(args.harmful, "harmful", args.harmful_columns, args.limit)
     bset, benign = load_labelled(args.benign, "benign", args.benign_columns, args.limit)
@@ -87,29 +93,39 @@ def cmd_probe(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable(out)
     source = resolve_model(args.model)
+    evaluation = [(hset.name, r.id, r.prompt) for r in harmful] + [(bset.name, r.id, r.prompt) for r in benign]
+    # The probe prompts' system prompt is the one a prompt-calibrated variant (Q-realign) calibrates with.
+    maker = variant_maker.check(specs, source, variant_settings(args, system_prompt=args.system_prompt),
+                                evaluation=evaluation)
 
     import torch
 
     torch.manual_seed(args.seed)
     loaded = load_model(source, args.device, args.dtype, args.trust_remote_code)
+    maker.check_loaded(loaded)
+    maker.prepare(loaded)
     tok = loaded.tokenizer
     prompts = [chat_prompt(tok, r.prompt, args.system_prompt) for r in (*harmful, *benign)]
     ids = [f"{hset.name}/{r.id}" for r in harmful] + [f"{bset.name}/{r.id}" for r in benign]
+    records: dict[str, dict] = {}
 
     def builder(spec):
         def build():
-            if spec.artifact:  # a folder saved by `safequant quantize`
-                return load_saved_variant(spec.artifact, loaded, device=next(loaded.model.parameters()).device)[0].model
-            log.info("variant %s: quantizing (%s, %s)", spec.name, spec.method, spec.scheme.label)
-            return quantize_variant(spec.method, spec.scheme, spec.options, loaded, BaseReference(None, None),
-                                    CalibrationOptions(), args.seed).model
+            log.info("variant %s: %s (%s, %s)", spec.name, "loading" if spec.artifact else "quantizing",
+                     spec.method, spec.scheme.label)
+            variant = maker.make(spec, loaded)
+            records[spec.name] = variant.record
+            return variant.model
         return build
 
     out.mkdir(parents=True, exist_ok=True)
     result = run_probe_suite(loaded.model, {s.name: builder(s) for s in specs}, tok, prompts, labels,
                              out_dir=out, reference="fp", ids=ids, subdir="", settings=settings)
+    if records:  # how each variant was made: the record variant.json and the audit summary carry
+        atomic_write(out / "variants.json", json.dumps(records, indent=1, default=str) + "\n")
     print(format_table(result))
-    print(f"\nprobe results: {out}  (layers.csv, layers.json, probe_summary.json, probes_*.safetensors, figures)")
+    print(f"\nprobe results: {out}  (layers.csv, layers.json, probe_summary.json, probes_*.safetensors, figures"
+          + (", variants.json)" if records else ")"))
     return 0
 
 
@@ -174,6 +190,7 @@ def register(sub) -> None:
     p.add_argument("--no-figures", dest="figures", action="store_false", help="skip the figures")
     p.add_argument("--stream", action="store_true",
                    help="stream activations to .npy files under DIR/activations (large models; removed at the end)")
+    add_variant_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default auto)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
