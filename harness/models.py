@@ -14,10 +14,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from harness.errors import UserError
+
+if TYPE_CHECKING:  # torch loads with the first model: `safequant list` reads the names without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,8 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -152,6 +156,8 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if dtype == "auto":
         # Fake quantization is simulated in floating point: fp32 on the CPU keeps it exact,
         # bf16 on GPUs keeps 7B-class models in memory.
@@ -170,6 +176,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer; safetensors only, remote code only when asked."""
+    import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,6 +216,8 @@ def fingerprint_model(model: torch.nn.Module, tokenizer=None) -> str:
     Hashing every byte of a 7B model costs tens of seconds; a strided sample of each tensor still
     changes whenever the weights, the architecture or a quantizer's output change.
     """
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from harness.errors import UserError
@@ -48,9 +47,17 @@ def load_text(source: str) -> str:
     return text
 
 
-@torch.inference_mode()
 def perplexity(model, tokenizer, text: str, settings: PerplexitySettings, progress: bool = True) -> dict:
     """Perplexity of `model` on `text`; returns {"perplexity", "tokens", "nll"}."""
+    import torch  # here, not at the top: `safequant list` names the texts without loading torch
+
+    with torch.inference_mode():
+        return _perplexity(model, tokenizer, text, settings, progress)
+
+
+def _perplexity(model, tokenizer, text: str, settings: PerplexitySettings, progress: bool) -> dict:
+    import torch
+
     if settings.stride <= 0 or settings.stride > settings.window:
         raise UserError(f"perplexity stride {settings.stride} must be in 1..window ({settings.window})")
     device = next(model.parameters()).device

@@ -38,6 +38,7 @@ __all__ = [
     "get_quantizer",
     "build_quantizer",
     "available_quantizers",
+    "quantizer_descriptions",
     "reload_plugins",
     "ENTRY_POINT_GROUP",
     "BUILTIN_MODULES",
@@ -373,6 +374,50 @@ def available_quantizers() -> list[str]:
     _load_builtins()
     _load_plugins()
     return sorted(_REGISTRY)
+
+
+def quantizer_descriptions() -> dict[str, str]:
+    """Name -> description of every quantizer, without importing a module that is not yet loaded
+    (the methods import torch; `safequant list` must not): a built-in's ``name`` and
+    ``description`` are read from its module's source, a plugin not yet loaded is described by
+    its entry point."""
+    found: dict[str, str] = {}
+    for module in BUILTIN_MODULES:
+        found.update(_declared_quantizers(f"{__package__}.{module}"))
+    try:
+        eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    except Exception:  # pragma: no cover - broken environment metadata
+        eps = []
+    for ep in eps:
+        found.setdefault(ep.name.lower(), f"plugin ({ep.value})")
+    found.update({name: cls.description for name, cls in _REGISTRY.items()})  # loaded: the class itself
+    return dict(sorted(found.items()))
+
+
+def _declared_quantizers(module: str) -> dict[str, str]:
+    """``name -> description`` of the ``@register_quantizer`` classes in a module's source, read
+    with :mod:`ast` (nothing is imported); only literal class attributes count."""
+    import ast
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    spec = find_spec(module)
+    if spec is None or not spec.origin:
+        return {}
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    found = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.ClassDef)
+                and any(isinstance(d, ast.Name) and d.id == "register_quantizer" for d in node.decorator_list)):
+            continue
+        attrs = {t.id: stmt.value for stmt in node.body if isinstance(stmt, ast.Assign)
+                 for t in stmt.targets if isinstance(t, ast.Name)}
+        try:
+            name = ast.literal_eval(attrs["name"])
+            found[name] = ast.literal_eval(attrs["description"]) if "description" in attrs else ""
+        except (KeyError, ValueError):
+            continue
+    return found
 
 
 def get_quantizer(name: str) -> type[Quantizer]:

@@ -330,6 +330,20 @@ def test_builtin_registry():
     assert get_quantizer("fp").name == "fp"
 
 
+def test_descriptions_read_from_the_sources_match_the_classes():
+    """`safequant list` reads each built-in's name and description from its module's source
+    (importing the methods would import torch); they must be what the registered classes say."""
+    from quantizers.base import BUILTIN_MODULES, _declared_quantizers, quantizer_descriptions
+
+    declared = {}
+    for module in BUILTIN_MODULES:
+        declared.update(_declared_quantizers(f"quantizers.{module}"))
+    assert sorted(declared) == sorted(n for n in available_quantizers() if get_quantizer(n).__module__.startswith("quantizers."))
+    assert declared == {name: get_quantizer(name).description for name in declared}
+    assert all(declared.values())
+    assert quantizer_descriptions() == {n: get_quantizer(n).description for n in available_quantizers()}
+
+
 def test_unknown_quantizer_lists_known_names():
     with pytest.raises(QuantizerError) as info:
         get_quantizer("gptqq")

@@ -9,11 +9,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     from harness.models import PACKAGED_GGUF, SMOL_FAMILY, SMOL_FAMILY_DIR, TOY_MODEL_NAMES, TOY_MODELS_DIR
     from harness.perplexity import BUILTIN_TEXTS
     from harness.prompts import list_prompt_sets
-    from quantizers import available_quantizers, get_quantizer
+    from quantizers.base import quantizer_descriptions
 
     print("quantizers:")
-    for name in available_quantizers():
-        print(f"  {name:<14} {get_quantizer(name).description}")
+    for name, description in quantizer_descriptions().items():
+        print(f"  {name:<14} {description}")
     print("prompt sets:")
     for name, role, n, description in list_prompt_sets():
         print(f"  {name:<14} {role:<12} {n:>4} prompts  {description}")
