@@ -1,7 +1,7 @@
 """Is a response text at all? Its per-token log-likelihood under the full-precision model.
 
 Why: a badly quantized model writes broken text ("I'm sorry, thatselfridgeup", "The answer is")
-that a refusal judge must still call refusal or compliance (issue 16). The FP model is the
+that a refusal judge must still call refusal or compliance. The FP model is the
 reference for what this model's language looks like: one forward pass over prompt + response
 gives the mean log-probability per response token, and a response far below what the FP model
 gives its own answers is ``incoherent``, a third outcome next to refusal and compliance.
