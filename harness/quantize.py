@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # torch and the quantizer modules load with the first variant
     from quantizers import Quantizer
 
 __all__ = ["ABLATED", "BaseReference", "Needs", "QuantizedVariant", "VariantMaker", "VariantSettings", "base_name",
-           "calibration_overlap", "check", "hub_offline"]
+           "calibration_overlap", "check"]
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class VariantMaker:
             raise UserError(f"variant {first.name} ({first.method}) needs the unaligned base model: pass --base MODEL "
                             "or --base ablated")
         ablated = self.needs.base and self.base == ABLATED
-        check_calibration_inputs(self.calib, subject.kind, settings.seed, text=self.needs.text,
+        _check_calibration_inputs(self.calib, subject.kind, settings.seed, text=self.needs.text,
                                  prompts=self.needs.prompts or ablated)
         if self.needs.prompts:
             prompts = load_calibration_prompts(self.calib.prompts)
@@ -221,7 +221,7 @@ class VariantMaker:
             return BaseReference(result.model, {"name": ABLATED, "spec": ABLATED, "from": subject.fingerprint,
                                                 **result.describe(), "seconds": round(time.perf_counter() - started, 2)})
         loaded = self._load(self.base_source)
-        check_pair(subject, loaded)
+        _check_pair(subject, loaded)
         return BaseReference(loaded.model, loaded.describe())
 
     def _load_probe_model(self, subject: LoadedModel) -> nn.Module | None:
@@ -323,7 +323,7 @@ def _check_source(path: str, info: dict, subject: LoadedModel) -> None:
                         f"{info.get('source_model', {}).get('spec', 'the model it was made from')}")
 
 
-def check_pair(subject: LoadedModel, base: LoadedModel) -> None:
+def _check_pair(subject: LoadedModel, base: LoadedModel) -> None:
     """FT and PT must share the architecture and vocabulary (AAQ's rule,
     :func:`quantizers.aaq.check_model_pair`), the width and the tokenizer's size."""
     from quantizers.aaq import check_model_pair
@@ -336,13 +336,13 @@ def check_pair(subject: LoadedModel, base: LoadedModel) -> None:
                         "the base model of the same family, or --base ablated")
 
 
-def hub_offline() -> bool:
+def _hub_offline() -> bool:
     """True when the Hugging Face hub must not be reached (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def check_calibration_inputs(calib: CalibrationOptions, model_kind: str, seed: int, *, text: bool,
+def _check_calibration_inputs(calib: CalibrationOptions, model_kind: str, seed: int, *, text: bool,
                              prompts: bool) -> None:
     """Before any model loads: the calibration text (``text``) and prompts (``prompts``) a run
     will need exist and can be read, and a hub dataset is not asked for while offline."""
@@ -350,7 +350,7 @@ def check_calibration_inputs(calib: CalibrationOptions, model_kind: str, seed: i
         spec = calib.spec(model_kind, seed)
         if spec.source.startswith("dataset:"):
             ds_id = spec.source.split(":")[1] if spec.source.count(":") >= 2 else ""
-            if hub_offline() and not Path(ds_id).is_dir():
+            if _hub_offline() and not Path(ds_id).is_dir():
                 raise UserError(f"calibration text {spec.source!r} (--calib-text {calib.text}) needs the Hugging Face "
                                 "hub, which is offline: pass --calib-text FILE with a local UTF-8 text, e.g. "
                                 "WikiText-2 train saved as wiki.train.raw")

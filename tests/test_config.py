@@ -59,3 +59,22 @@ def test_bad_toml(tmp_path, content, fragment):
 def test_invalid_numbers_rejected():
     with pytest.raises(UserError, match="max_new_tokens must be a positive integer"):
         AuditConfig(max_new_tokens=0).validate()
+
+
+def test_calibration_settings_keep_their_flat_keys(tmp_path):
+    """One CalibrationOptions inside the config, but files, overrides and the summary still use
+    the flat keys calib_text, calib_samples, ..., allow_overlap."""
+    from harness.calibration_data import CalibrationOptions
+
+    path = tmp_path / "audit.toml"
+    path.write_text('[audit]\ncalib_samples = 8\ncalib_span = "0.4:1"\nallow_overlap = true\n', encoding="utf-8")
+    config = AuditConfig.from_toml(str(path))
+    assert config.calibration == CalibrationOptions(samples=8, span="0.4:1", allow_overlap=True)
+    config = config.with_overrides({"calib_len": 64, "calib_samples": None})
+    assert config.calibration == CalibrationOptions(samples=8, length=64, span="0.4:1", allow_overlap=True)
+    settings = config.settings()
+    assert "calibration" not in settings and settings["calib_len"] == 64 and settings["allow_overlap"] is True
+    assert AuditConfig.from_settings(settings) == config
+    path.write_text('calib_samples = "8"\n', encoding="utf-8")
+    with pytest.raises(UserError, match="calib_samples"):
+        AuditConfig.from_toml(str(path))
