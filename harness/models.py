@@ -37,7 +37,7 @@ SMOL_FAMILY: dict[str, tuple[str, ...]] = {
     "smol-chat-eroded": ("smol-chat", "smol-chat-eroded"),
 }
 BUNDLED_NAMES = TOY_MODEL_NAMES + tuple(SMOL_FAMILY) + tuple(PACKAGED_GGUF)
-#: Bundled model -> its unaligned base: what `--base auto` (audit and quantize) picks.
+#: Bundled model -> its unaligned base: what `--base auto` (audit, quantize, probe) picks.
 UNALIGNED_BASES = {"toy-base": "toy-base", "toy-chat": "toy-base", "toy-chat-eroded": "toy-base",
                    "smol-base": "smol-base", "smol-chat": "smol-base", "smol-chat-eroded": "smol-base"}
 #: Bundled model -> its known aligned ancestor: Q-realign fits its probes there (`--probe-model auto`).
