@@ -2,10 +2,11 @@
 
     python bench/bench_startup.py [--repeats 7]
 
-Runs `python -c pass`, `safequant gate --help`, `safequant --help` and, for scale,
-`python -c "import torch"` in fresh processes, alternating, and prints the median wall time of each
-and its ratio to the bare interpreter. `gate`, `report`, `compare` and `--help` must not pay for
-torch or transformers (tests/test_startup.py checks the imports; this prints what that saves).
+Runs `python -c pass`, `safequant gate --help`, `safequant --help`, `safequant list` and, for
+scale, `python -c "import torch"` in fresh processes, alternating, and prints the median wall time
+of each and its ratio to the bare interpreter. `gate`, `report`, `compare`, `list` and `--help`
+must not pay for torch or transformers (tests/test_startup.py checks the imports; this prints
+what that saves).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMMANDS = {
     "python -c pass": [sys.executable, "-c", "pass"],
     "safequant gate --help": [sys.executable, "-c", CLI, "gate", "--help"],
     "safequant --help": [sys.executable, "-c", CLI, "--help"],
+    "safequant list": [sys.executable, "-c", CLI, "list"],
     "python -c 'import torch'": [sys.executable, "-c", "import torch"],
 }
 
