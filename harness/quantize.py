@@ -7,9 +7,10 @@ In the spirit of llm-compressor's single ``oneshot(model, recipe, dataset)`` ent
   :data:`harness.models.UNALIGNED_BASES`, ``ablated``, ``none``), the calibration text and
   prompts, the evaluation prompts against the calibration prompts (of methods that calibrate on
   prompts and of saved variants that did), and that each method can produce its scheme.
-* :meth:`VariantMaker.prepare` right after the subject loads (calibration windows against its
-  context, saved variants against its fingerprint, then the base and probe models, once), and
-  :meth:`VariantMaker.make` for each variant: a quantized copy of the subject, or a saved
+* :meth:`VariantMaker.check_loaded` right after the subject loads (calibration windows against
+  its context, saved variants against its fingerprint), :meth:`VariantMaker.prepare` (the base
+  and probe models, loaded once), and :meth:`VariantMaker.make` for each variant: a quantized
+  copy of the subject, or a saved
   folder loaded as saved, described the same way (options, metadata, calibration fingerprint,
   time) for variant.json and the run summary.
 
