@@ -15,8 +15,10 @@ _EXPORTS = {
                      "register_quantizer", "reload_plugins"), "base"),
     "QuantizerError": "errors",
     **dict.fromkeys(("SCHEME_EXAMPLES", "VALID_BITS", "QuantScheme"), "scheme"),
-    **dict.fromkeys(("fake_quant", "fake_quant_activation", "fake_quant_kv", "fake_quant_weight", "mse_clip_search",
-                     "round_ste"), "fake_quant"),
+    # not the function fake_quant: `quantizers.fake_quant` is its module (imported on first use, the
+    # import system sets the attribute to the module); write `from quantizers.fake_quant import fake_quant`
+    **dict.fromkeys(("fake_quant_activation", "fake_quant_kv", "fake_quant_weight", "mse_clip_search", "round_ste"),
+                    "fake_quant"),
     "FPQuantizer": "fp",
     **dict.fromkeys(("GPTQOptions", "GPTQQuantizer", "gptq_quantize", "quantize_weights"), "gptq"),
     **dict.fromkeys(("KVQuantSpec", "QuantLinear", "default_weight_fn", "disable_kv_quant", "enable_kv_quant",
