@@ -61,15 +61,15 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _audit_config(args: argparse.Namespace):
+    from harness.calibration_data import CalibrationOptions
     from harness.config import AuditConfig
 
     config = AuditConfig.from_toml(args.config) if args.config else AuditConfig()
     overrides = {k: getattr(args, k) for k in (
         "model", "base", "variants", "prompt_sets", "limit", "perplexity_text", "ppl_window", "ppl_stride",
         "ppl_max_tokens", "out", "max_new_tokens", "batch_size", "device", "dtype", "seed", "judges", "data_dir",
-        "first_token", "bootstrap", "probes", "probe_layers",
-        "system_prompt", "trust_remote_code", "report", "calib_text", "calib_samples", "calib_len", "calib_batch",
-        "calib_span", "calib_prompts", "allow_overlap", "ablate_layer", "probe_model", "pairs", "cache_dir")}
+        "first_token", "bootstrap", "probes", "probe_layers", "system_prompt", "trust_remote_code", "report",
+        *CalibrationOptions.KEYS, "ablate_layer", "probe_model", "pairs", "cache_dir")}
     config = config.with_overrides(overrides)
     if isinstance(config.base, str) and config.base.lower() == "none":
         config.base = None
