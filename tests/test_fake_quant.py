@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantizers import (
+from quantizers.fake_quant import (
     fake_quant,
     fake_quant_activation,
     fake_quant_kv,
