@@ -6,7 +6,7 @@ the first ``=``; each caller keeps its own message for a bad item (it knows what
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["KeyValueError", "key_value_items"]
 
@@ -19,10 +19,11 @@ class KeyValueError(ValueError):
         self.item = item
 
 
-def key_value_items(items: str | Iterable[str]) -> list[tuple[str, str, str]]:
+def key_value_items(items: str | Iterable[str],
+                    error: Callable[[str], Exception] | None = None) -> list[tuple[str, str, str]]:
     """``(item, key, value)`` for every comma-separated item of ``items`` (one string or several),
-    key and value stripped, blank items skipped; the value may hold further ``=``. Raises
-    :class:`KeyValueError` for an item without ``=``."""
+    key and value stripped, blank items skipped; the value may hold further ``=``. An item without
+    ``=`` raises ``error(item)`` (the caller's message), else :class:`KeyValueError`."""
     texts = [items] if isinstance(items, str) else list(items)
     out = []
     for item in ",".join(texts).split(","):
@@ -30,6 +31,6 @@ def key_value_items(items: str | Iterable[str]) -> list[tuple[str, str, str]]:
             continue
         key, sep, value = item.partition("=")
         if not sep:
-            raise KeyValueError(item)
+            raise (error or KeyValueError)(item)
         out.append((item, key.strip(), value.strip()))
     return out

@@ -58,14 +58,11 @@ def _parse_value(text: str):
 def parse_options(items, where: str, example: str = "") -> dict:
     """``KEY=VALUE`` items (each may hold several, comma-separated) as a dict of typed values;
     ``where`` names the input in the error, ``example`` is appended to it."""
-    from common.keyvalue import KeyValueError, key_value_items
+    from common.keyvalue import key_value_items
 
     options: dict = {}
-    try:
-        pairs = key_value_items(items)
-    except KeyValueError as exc:
-        raise UserError(f"{where}{exc.item!r} must be written KEY=VALUE{example}") from None
-    for item, key, value in pairs:
+    for item, key, value in key_value_items(items, lambda bad: UserError(f"{where}{bad!r} must be written "
+                                                                         f"KEY=VALUE{example}")):
         options[key] = _parse_value(value)
         if isinstance(options[key], float) and not math.isfinite(options[key]):
             raise UserError(f"{where}{item.strip()!r} is not a finite number: give a number{example}")

@@ -42,17 +42,13 @@ def parse_columns(text: str | None) -> dict[str, str]:
     """``FIELD=COLUMN,...`` (fields prompt, response, label, source, group) -> mapping."""
     from harness.errors import UserError
 
-    from common.keyvalue import KeyValueError, key_value_items
+    from common.keyvalue import key_value_items
 
     def bad(item: str) -> UserError:
         return UserError(f"--columns item {item!r}: use FIELD=COLUMN with FIELD one of {', '.join(DEFAULT_COLUMNS)}")
 
-    try:
-        pairs = key_value_items(text or "")
-    except KeyValueError as exc:
-        raise bad(exc.item) from None
     out: dict[str, str] = {}
-    for item, key, value in pairs:
+    for item, key, value in key_value_items(text or "", bad):
         if key not in DEFAULT_COLUMNS:
             raise bad(item)
         out[key] = value

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.keyvalue import KeyValueError, key_value_items
+from common.keyvalue import key_value_items
 from harness.errors import UserError
 from harness.prompt_files import (DEFAULT_CATEGORY, SUPPORTED_EXTENSIONS, RowRules, build_records, columns_in,
                                   read_rows)
@@ -109,12 +109,8 @@ def parse_column_map(items: str | Sequence[str] | None) -> dict[str, str]:
         return UserError(f"column mapping {item.strip()!r} is not FIELD=COLUMN; write e.g. prompt=goal "
                          f"(fields: {', '.join(FIELDS)})")
 
-    try:
-        pairs = key_value_items(items)
-    except KeyValueError as exc:
-        raise bad(exc.item) from None
     mapping: dict[str, str] = {}
-    for item, field, column in pairs:
+    for item, field, column in key_value_items(items, bad):
         if not field or not column:
             raise bad(item)
         mapping[field] = column

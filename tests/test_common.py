@@ -49,6 +49,8 @@ def test_key_value_items_split_commas_and_the_first_equals():
     with pytest.raises(KeyValueError) as err:
         key_value_items("a=1,oops")
     assert err.value.item == "oops"
+    with pytest.raises(LookupError, match="'oops' is not an option"):
+        key_value_items("a=1,oops", lambda item: LookupError(f"{item!r} is not an option"))
 
 
 def test_one_overlap_rule_for_the_harness_check_and_the_qrealign_record():
