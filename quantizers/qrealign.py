@@ -67,7 +67,7 @@ from .calibration import (
 )
 from .fake_quant import fake_quant_activation, fake_quant_weight
 from .modules import default_weight_fn, enable_kv_quant, quantize_linear_layers
-from .pipeline import BlockPipeline
+from .pipeline import Block, BlockPipeline
 from .scheme import QuantScheme
 
 __all__ = [
@@ -607,25 +607,7 @@ class QRealignQuantizer(Quantizer):
         # ---- validate everything before touching the model (no partial artifact)
         records = _check_records(ctx.calibration_prompts)
         chosen = select_calibration(records, opts.n_prompts, opts.malicious_fraction, ctx.seed)
-        probe_meta: dict[str, Any]
-        if str(opts.probes_from).strip().lower() == "reference":
-            probe_model = ctx.probe_model or ctx.reference_model or model
-            probes, probe_meta = fit_probes(probe_model, ctx.tokenizer, records, opts, ctx.seed)
-            src = "probe_model" if ctx.probe_model is not None else (
-                "reference_model" if ctx.reference_model is not None else "subject (FP)")
-            probe_meta = {"source": f"fitted on {src}", **probe_meta}
-            probe_records = records
-        else:
-            from probes.errors import ProbeError
-            from probes.slr import load_probes
-
-            path = resolve_probe_file(opts.probes_from)
-            try:
-                probes, doc = load_probes(path)
-            except ProbeError as exc:
-                raise QuantizerError(f"probes_from {opts.probes_from!r}: {exc}") from None
-            probe_meta = {"source": str(path), "metadata": doc.get("metadata", {})}
-            probe_records = []
+        probes, probe_meta, probe_records = self._probes(model, ctx, records)
         directions = probe_directions(probes, n_layers, hidden, probe_meta["source"])
         batches = _batches(ctx.tokenizer, chosen, opts, device)
         labels = [torch.tensor([r["label"] == "harmful" for r in chosen[i:i + opts.batch_size]])
@@ -650,38 +632,10 @@ class QRealignQuantizer(Quantizer):
         logs: list[dict[str, Any]] = []
         done: set[str] = set()
         for blk in BlockPipeline(model, batches, full_precision=True):
-            i, layer, x_q, y_fp, kwargs, masks = blk.index, blk.layer, blk.inputs, blk.fp_outputs, blk.kwargs, blk.masks
-            block = QRealignBlock(model, i, scheme, opts, stats if opts.smooth else None,
-                                  skip=lambda n, p=blk.name: scheme.skips(f"{p}.{n}"))
-            block.install()
-            w, b = directions[i]
-            w = w.to(device)
-
-            def loss_fn(k: int, _step: int, layer=layer, x_q=x_q, y_fp=y_fp, kwargs=kwargs, masks=masks, w=w, b=b):
-                out = run_layer(layer, x_q[k], kwargs[k])
-                return qrealign_loss(out, y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)
-
-            groups = block.param_groups()
-            epochs = opts.epochs_for(i, n_layers)
-            steps = epochs * len(batches)
-            stage = f"qrealign block {i + 1}/{n_layers}"
-            if groups and steps > 0:
-                with torch.enable_grad():
-                    cal = run_calibration(loss_fn, groups, list(range(len(batches))), steps, stage=stage,
-                                          progress=ctx.progress, device=device)
-            else:
-                cal = CalibrationLog(stage=stage, steps_planned=0)
-            with torch.no_grad():
-                blk.outputs = blk.run(x_q)  # with the learned clipping and scales, before folding
-                final = [qrealign_loss(blk.outputs[k], y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)[1]
-                         for k in range(len(x_q))]
-            block.fold()
+            block, entry = self._calibrate_block(model, blk, scheme, stats if opts.smooth else None, directions[blk.index],
+                                                 labels, n_layers, ctx, device)
             done.update(f"{blk.name}.{n}" for n, m in block.linears.items() if m.quantize or m.act_quant)
-            entry = cal.to_dict(max_points=50)
-            entry.update(block=i, epochs=epochs, final=_mean_terms(final))
             logs.append(entry)
-            log.info("qrealign block %d/%d: %d steps in %.1fs, final %s", i + 1, n_layers, cal.steps_run,
-                     cal.seconds, entry["final"])
 
         def weight_fn(name: str, linear: nn.Linear, s: QuantScheme) -> torch.Tensor:
             if name in done:
@@ -696,6 +650,67 @@ class QRealignQuantizer(Quantizer):
         self.metadata["seconds"] = round(time.perf_counter() - t_start, 2)
         self.metadata["peak_memory_bytes"] = peak_memory_bytes(device)
         return model
+
+
+    def _probes(self, model: nn.Module, ctx: QuantContext,
+                records: list[dict[str, Any]]) -> tuple[Mapping[int, Any], dict[str, Any], list[dict[str, Any]]]:
+        """The SLR probes whose directions the malicious loss pushes along: fitted on the aligned
+        model (``probes_from="reference"``, on every calibration record) or loaded from a file;
+        with their metadata and the records they were fitted on."""
+        opts: QRealignOptions = self.options
+        if str(opts.probes_from).strip().lower() == "reference":
+            probe_model = ctx.probe_model or ctx.reference_model or model
+            probes, probe_meta = fit_probes(probe_model, ctx.tokenizer, records, opts, ctx.seed)
+            src = "probe_model" if ctx.probe_model is not None else (
+                "reference_model" if ctx.reference_model is not None else "subject (FP)")
+            return probes, {"source": f"fitted on {src}", **probe_meta}, records
+        from probes.errors import ProbeError
+        from probes.slr import load_probes
+
+        path = resolve_probe_file(opts.probes_from)
+        try:
+            probes, doc = load_probes(path)
+        except ProbeError as exc:
+            raise QuantizerError(f"probes_from {opts.probes_from!r}: {exc}") from None
+        return probes, {"source": str(path), "metadata": doc.get("metadata", {})}, []
+
+    def _calibrate_block(self, model: nn.Module, blk: Block, scheme: QuantScheme,
+                         act_max: Mapping[str, torch.Tensor] | None, direction: tuple[torch.Tensor, float],
+                         labels: Sequence[torch.Tensor], n_layers: int, ctx: QuantContext,
+                         device: torch.device) -> tuple[QRealignBlock, dict[str, Any]]:
+        """One block's turn in the pipeline: learn clipping and scales on ``X_q`` against
+        ``F_i(X_fp)``, hand the outputs on (before folding), fold; returns the block and its log."""
+        opts: QRealignOptions = self.options
+        i, layer, x_q, y_fp, kwargs, masks = blk.index, blk.layer, blk.inputs, blk.fp_outputs, blk.kwargs, blk.masks
+        block = QRealignBlock(model, i, scheme, opts, act_max, skip=lambda n, p=blk.name: scheme.skips(f"{p}.{n}"))
+        block.install()
+        w, b = direction
+        w = w.to(device)
+
+        def loss_fn(k: int, _step: int):
+            out = run_layer(layer, x_q[k], kwargs[k])
+            return qrealign_loss(out, y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)
+
+        groups = block.param_groups()
+        epochs = opts.epochs_for(i, n_layers)
+        steps = epochs * len(x_q)
+        stage = f"qrealign block {i + 1}/{n_layers}"
+        if groups and steps > 0:
+            with torch.enable_grad():
+                cal = run_calibration(loss_fn, groups, list(range(len(x_q))), steps, stage=stage,
+                                      progress=ctx.progress, device=device)
+        else:
+            cal = CalibrationLog(stage=stage, steps_planned=0)
+        with torch.no_grad():
+            blk.outputs = blk.run(x_q)  # with the learned clipping and scales, before folding
+            final = [qrealign_loss(blk.outputs[k], y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)[1]
+                     for k in range(len(x_q))]
+        block.fold()
+        entry = cal.to_dict(max_points=50)
+        entry.update(block=i, epochs=epochs, final=_mean_terms(final))
+        log.info("qrealign block %d/%d: %d steps in %.1fs, final %s", i + 1, n_layers, cal.steps_run,
+                 cal.seconds, entry["final"])
+        return block, entry
 
 
 def _mean_terms(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
