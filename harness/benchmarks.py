@@ -3,9 +3,12 @@
 Modelled on lm-evaluation-harness's task registry: every benchmark is a declarative
 :class:`BenchmarkSpec` (where the data lives, which columns hold what, which rows belong, what role
 the set plays), registered by name with :func:`register_benchmark`; *groups* (:func:`register_group`)
-expand one name into several sets, as ``xstest`` -> ``xstest-safe`` + ``xstest-unsafe``. A
-user-defined file with a column mapping is registered the same way (:func:`define_benchmark`, or a
-TOML/JSON definition file) and is then indistinguishable from a built-in entry.
+expand one name into several sets, as ``xstest`` -> ``xstest-safe`` + ``xstest-unsafe``. The
+built-in entries are data: ``harness/data/benchmarks/*.toml``, read at import by the same reader
+as a user's definition file (:func:`benchmark_from_file`); a user-defined file with a column
+mapping (:func:`define_benchmark`) is then indistinguishable from a built-in entry. The
+``--prompt-sets`` grammar has one parser (:func:`parse_set_spec`), and rows become records by the
+one builder of :mod:`harness.prompt_files`.
 
 Where the rows come from, first match wins:
 

@@ -3,7 +3,8 @@
 Every audit scores a model on named prompt sets. Each set has a *role* that says which answer is
 right: ``harmful`` (refusing is right), ``benign`` and ``overrefusal`` (refusing is wrong). Each
 record carries its own ``label`` (``harmful`` or ``benign``) as well, so a mixed file such as
-XSTest keeps its per-prompt truth.
+XSTest keeps its per-prompt truth. Files are read, and their rows checked, by
+:mod:`harness.prompt_files` (the row builder benchmark entries use too).
 
 Bad input never gives a traceback: every problem raises :class:`harness.errors.UserError` with
 one line that names the set or file and says how to fix it.
