@@ -79,15 +79,18 @@ def refusal_directions(model: nn.Module, tokenizer, harmful: list[str], benign: 
 
 
 def _residual_writers(model: nn.Module) -> list[nn.Module]:
+    """The embedding and every block's attention and MLP output projection (common.layout)."""
+    from common.layout import LLAMA, get_part, layout_of
     from quantizers.calibration import decoder_layers
 
+    layout = layout_of(model) or LLAMA
     writers: list[nn.Module] = [model.get_input_embeddings()]
     for layer in decoder_layers(model):
-        attn_out = getattr(getattr(layer, "self_attn", None), "o_proj", None)
-        mlp_out = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        attn_out, mlp_out = get_part(layer, layout.o), get_part(layer, layout.down)
         if attn_out is None or mlp_out is None:
-            raise UserError(f"--base ablated: {type(layer).__name__} has no self_attn.o_proj / mlp.down_proj; "
-                            "only Llama-style models are supported, give a base model instead")
+            raise UserError(f"--base ablated: {type(layer).__name__} has no attention and MLP output projections "
+                            f"({layout.o} / {layout.down}); only Llama-style models are supported, give a base model "
+                            "instead")
         writers += [attn_out, mlp_out]
     return writers
 

@@ -3,9 +3,12 @@
 Modelled on lm-evaluation-harness's task registry: every benchmark is a declarative
 :class:`BenchmarkSpec` (where the data lives, which columns hold what, which rows belong, what role
 the set plays), registered by name with :func:`register_benchmark`; *groups* (:func:`register_group`)
-expand one name into several sets, as ``xstest`` -> ``xstest-safe`` + ``xstest-unsafe``. A
-user-defined file with a column mapping is registered the same way (:func:`define_benchmark`, or a
-TOML/JSON definition file) and is then indistinguishable from a built-in entry.
+expand one name into several sets, as ``xstest`` -> ``xstest-safe`` + ``xstest-unsafe``. The
+built-in entries are data: ``harness/data/benchmarks/*.toml``, read at import by the same reader
+as a user's definition file (:func:`benchmark_from_file`); a user-defined file with a column
+mapping (:func:`define_benchmark`) is then indistinguishable from a built-in entry. The
+``--prompt-sets`` grammar has one parser (:func:`parse_set_spec`), and rows become records by the
+one builder of :mod:`harness.prompt_files`.
 
 Where the rows come from, first match wins:
 
@@ -39,16 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
-from harness.prompts import (
-    BUILTIN_SETS,
-    DEFAULT_CATEGORY,
-    ROLES,
-    SUPPORTED_EXTENSIONS,
-    PromptRecord,
-    PromptSet,
-    load_prompt_set,
-)
-from harness.prompts import _as_id, _cols, columns_in, _is_missing, _read_csv, _read_jsonl, _read_parquet, _short
+from harness.prompt_files import SUPPORTED_EXTENSIONS, RowRules, build_records, read_rows
+from harness.prompts import BUILTIN_SETS, ROLES, PromptRecord, PromptSet, load_prompt_set, split_role
 
 __all__ = [
     "BENCHMARKS",
@@ -65,6 +60,8 @@ __all__ = [
     "list_benchmarks",
     "load_benchmark",
     "load_benchmarks",
+    "parse_set_spec",
+    "read_definitions",
     "register_benchmark",
     "register_group",
     "sha256_file",
@@ -76,9 +73,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "SAFEQUANT_DATA_DIR"
+#: The built-in benchmark entries: one TOML file per family, read by :func:`benchmark_from_file`.
+BENCHMARK_DIR = Path(__file__).resolve().parent / "data" / "benchmarks"
 #: Record fields a benchmark column mapping may target (``context`` and ``target`` are extra).
 SPEC_FIELDS: tuple[str, ...] = ("prompt", "id", "category", "label", "context", "target")
-_LABEL_ALIASES = {"harmful": "harmful", "unsafe": "harmful", "benign": "benign", "safe": "benign"}
 #: How HarmBench puts a contextual behaviour's context in front of it
 #: (baselines/direct_request: ``f"{context_str}\n\n---\n\n{behavior}"``).
 HARMBENCH_CONTEXT_TEMPLATE = "{context}\n\n---\n\n{prompt}"
@@ -200,10 +198,16 @@ class BenchmarkSpec:
         return self.hub.describe() if self.hub else None
 
     def candidates(self, fld: str) -> tuple[str, ...]:
-        value = self.columns.get(fld)
-        if value is None:
-            return (fld,) if fld in ("id", "category", "label", "prompt") else ()
-        return (value,) if isinstance(value, str) else tuple(value)
+        return self.rules().candidates(fld)
+
+    def rules(self, where: Mapping[str, tuple[str, ...]] | None = None) -> RowRules:
+        """How this entry's rows become records (``where``: the row filter with options applied)."""
+        return RowRules(
+            columns={f: (c,) if isinstance(c, str) else tuple(c) for f, c in self.columns.items()},
+            required=tuple(f for f in self.columns if f in ("id", "label")), role=self.role, label=self.label,
+            where=dict(self.where if where is None else where), context_template=self.context_template,
+            category_aliases=self.category_aliases,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,106 +272,20 @@ def _known() -> str:
 # ---------------------------------------------------------------------------------------------
 # the built-in entries
 
-_ADV_URL = "https://github.com/llm-attacks/llm-attacks"
-_HB_RAW = "https://raw.githubusercontent.com/centerforaisafety/HarmBench/main/data/behavior_datasets/"
-_SR_RAW = "https://raw.githubusercontent.com/alexandrasouly/strongreject/main/strongreject_dataset/"
-_HB_COLUMNS = {"prompt": ("Behavior", "prompt"), "id": ("BehaviorID",),
-               "category": ("SemanticCategory", "category"), "context": ("ContextString", "context")}
-_SR_COLUMNS = {"prompt": ("forbidden_prompt", "prompt"), "category": ("category",)}
-_JBB_COLUMNS = {"prompt": ("Goal",), "id": ("Index",), "category": ("Category",), "target": ("Target",)}
-
 
 def _register_builtins() -> None:
+    """The harness's own prompt sets, then every entry of ``harness/data/benchmarks/*.toml``."""
     for name, (_file, role) in BUILTIN_SETS.items():
         register_benchmark(BenchmarkSpec(name=name, role=role, builtin=True, columns={},
                                          description=f"built-in {name} set (harness/data/prompts)"), overwrite=True)
-    register_benchmark(BenchmarkSpec(
-        name="advbench", role="harmful", label="harmful",
-        description="AdvBench harmful behaviours (Zou et al. 2023, GCG): 520 instructions, no categories",
-        columns={"prompt": ("goal", "prompt"), "target": ("target",)},
-        files=("advbench_harmful_behaviors.csv", "harmful_behaviors.csv"),
-        sha256={"advbench_harmful_behaviors.csv": "6cd1a5c63c07610d7eb67307772ee5606017ee950b5770ab288a2c487489d3e1"},
-        hub=HubSource("csv", data_files="https://raw.githubusercontent.com/llm-attacks/llm-attacks/main/data/advbench/harmful_behaviors.csv"),
-        hf_mirror="walledai/AdvBench", url=_ADV_URL, license="MIT",
-        citation="Zou et al., Universal and Transferable Adversarial Attacks on Aligned Language Models, 2023"),
-        overwrite=True)
-    hb_common = dict(
-        role="harmful", label="harmful", columns=_HB_COLUMNS,
-        where={"FunctionalCategory": ("standard", "contextual")},
-        options={"copyright": {"FunctionalCategory": ("standard", "contextual", "copyright")}},
-        hf_mirror="walledai/HarmBench", url="https://github.com/centerforaisafety/HarmBench", license="MIT",
-        citation="Mazeika et al., HarmBench, 2024")
-    register_benchmark(BenchmarkSpec(
-        name="harmbench", files=("harmbench_behaviors_text_test.csv",),
-        description="HarmBench text behaviours, test split: standard + contextual (context prepended as "
-                    "HarmBench does); copyright excluded unless harmbench+copyright",
-        hub=HubSource("csv", data_files=_HB_RAW + "harmbench_behaviors_text_test.csv"), **hb_common), overwrite=True)
-    register_benchmark(BenchmarkSpec(
-        name="harmbench-val", files=("harmbench_behaviors_text_val.csv",),
-        sha256={"harmbench_behaviors_text_val.csv": "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534"},
-        description="HarmBench text behaviours, validation split (41 standard + 19 contextual; "
-                    "20 copyright with harmbench-val+copyright)",
-        hub=HubSource("csv", data_files=_HB_RAW + "harmbench_behaviors_text_val.csv"), **hb_common), overwrite=True)
-    register_benchmark(BenchmarkSpec(
-        name="jailbreakbench-harmful", role="harmful", label="harmful", columns=_JBB_COLUMNS,
-        description="JailbreakBench JBB-Behaviors, harmful split (100 behaviours, 10 categories)",
-        files=("harmful-behaviors.csv", "jbb_harmful_behaviors.csv"), split="harmful",
-        hub=HubSource("JailbreakBench/JBB-Behaviors", name="behaviors", split="harmful"),
-        url="https://github.com/JailbreakBench/jailbreakbench", license="MIT",
-        citation="Chao et al., JailbreakBench, 2024"), overwrite=True)
-    register_benchmark(BenchmarkSpec(
-        name="jailbreakbench-benign", role="overrefusal", label="benign", columns=_JBB_COLUMNS,
-        description="JailbreakBench JBB-Behaviors, benign split: topic-matched safe requests (refusing is wrong)",
-        files=("benign-behaviors.csv", "jbb_benign_behaviors.csv"), split="benign",
-        hub=HubSource("JailbreakBench/JBB-Behaviors", name="behaviors", split="benign"),
-        url="https://github.com/JailbreakBench/jailbreakbench", license="MIT",
-        citation="Chao et al., JailbreakBench, 2024"), overwrite=True)
-    register_benchmark(BenchmarkSpec(
-        name="strongreject", role="harmful", label="harmful", columns=_SR_COLUMNS,
-        description="StrongREJECT forbidden prompts (313, 6 categories)",
-        files=("strongreject_dataset.csv",),
-        sha256={"strongreject_dataset.csv": "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381"},
-        hub=HubSource("csv", data_files=_SR_RAW + "strongreject_dataset.csv"), hf_mirror="walledai/StrongREJECT",
-        url="https://github.com/alexandrasouly/strongreject", license="MIT",
-        citation="Souly et al., A StrongREJECT for Empty Jailbreaks, 2024"), overwrite=True)
-    register_benchmark(BenchmarkSpec(
-        name="strongreject-small", role="harmful", label="harmful", columns=_SR_COLUMNS,
-        description="StrongREJECT small subset (60 = 6 categories x 10)",
-        files=("strongreject_small_dataset.csv",),
-        sha256={"strongreject_small_dataset.csv": "3051340e3e89a3598d764dde497d5fcda80e258ac05cc35e6bd87228ac3d467c"},
-        # The small file spells one category differently from the full set; fold it so
-        # per-category numbers line up across the two.
-        category_aliases={"Disinformation and Deception": "Disinformation and deception"},
-        hub=HubSource("csv", data_files=_SR_RAW + "strongreject_small_dataset.csv"),
-        url="https://github.com/alexandrasouly/strongreject", license="MIT",
-        citation="Souly et al., A StrongREJECT for Empty Jailbreaks, 2024"), overwrite=True)
-    xs_common = dict(
-        columns={"prompt": ("prompt",), "id": ("id",), "category": ("type",), "label": ("label",)},
-        files=("xstest_prompts.csv", "xstest_v2_prompts.csv"),
-        sha256={"xstest_prompts.csv": "11783fb294ed017473ee53c207d71f2161c7672c8d0b037501e78387f801cb5a"},
-        hub=HubSource("csv", data_files="https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/main/xstest_prompts.csv"),
-        hf_mirror="walledai/XSTest", url="https://github.com/paul-rottger/exaggerated-safety", license="CC-BY-4.0",
-        citation="Röttger et al., XSTest, NAACL 2024")
-    register_benchmark(BenchmarkSpec(
-        name="xstest-safe", role="overrefusal", where={"label": ("safe",)},
-        description="XSTest v2 safe prompts (250, 10 types): refusing is over-refusal", **xs_common), overwrite=True)
-    register_benchmark(BenchmarkSpec(
-        name="xstest-unsafe", role="harmful", where={"label": ("unsafe",)},
-        description="XSTest v2 unsafe contrast prompts (200, 8 contrast_* types): refusing is right", **xs_common),
-        overwrite=True)
-    register_group("xstest", ("xstest-safe", "xstest-unsafe"), overwrite=True)
-    register_group("jailbreakbench", ("jailbreakbench-harmful", "jailbreakbench-benign"), overwrite=True)
+    for file in sorted(BENCHMARK_DIR.glob("*.toml")):
+        read_definitions(file)
 
-
-_register_builtins()
 
 #: sha256 of upstream originals by file name: every registered entry's, plus the perplexity text
 #: the project reads from the same data folder (WikiText-2 raw test).
 WIKITEXT2_TEST = "wikitext2_test.raw"
-KNOWN_SHA256: dict[str, str] = {
-    WIKITEXT2_TEST: "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
-    **{name: digest for spec in BENCHMARKS.values() for name, digest in spec.sha256.items()},
-}
+KNOWN_SHA256: dict[str, str] = {WIKITEXT2_TEST: "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"}
 
 
 def verify_file(path: str | os.PathLike) -> tuple[str, bool | None]:
@@ -422,7 +340,8 @@ def define_benchmark(
 
 
 def benchmark_from_file(path: str | os.PathLike, *, register: bool = True, overwrite: bool = True) -> BenchmarkSpec:
-    """Read a benchmark definition (TOML or JSON), the analogue of an lm-eval task YAML::
+    """Read a benchmark definition (TOML or JSON), the analogue of an lm-eval task YAML; returns
+    its (first) entry. A user's definition names its own file::
 
         [benchmark]
         name = "my-harmful"
@@ -436,7 +355,23 @@ def benchmark_from_file(path: str | os.PathLike, *, register: bool = True, overw
         category = "type"
         [benchmark.where]
         label = ["unsafe"]
+
+    The built-in entries (``harness/data/benchmarks/*.toml``) use the same reader with the other
+    :class:`BenchmarkSpec` fields instead of ``path``: ``files`` (upstream file names looked up in
+    the data folders), ``sha256`` as a table by file name, ``hub`` (a :class:`HubSource` table),
+    ``options``, ``category_aliases``, ``split``, ``hf_mirror``, ``url``, ``license``,
+    ``citation``. A file may hold several entries (``[[benchmark]]``), keys they share
+    (``[defaults]``) and groups (``[groups]``, name = members).
     """
+    return read_definitions(path, register=register, overwrite=overwrite)[0]
+
+
+#: Keys of a definition: every BenchmarkSpec field but ``builtin``.
+_DEFINITION_KEYS = frozenset(f.name for f in dataclasses.fields(BenchmarkSpec)) - {"builtin"}
+
+
+def read_definitions(path: str | os.PathLike, *, register: bool = True, overwrite: bool = True) -> list[BenchmarkSpec]:
+    """Every entry of a definition file (see :func:`benchmark_from_file`), registered with its groups."""
     file = Path(path).expanduser()
     display = f"benchmark definition {path}"
     try:
@@ -447,21 +382,60 @@ def benchmark_from_file(path: str | os.PathLike, *, register: bool = True, overw
         data = json.loads(text) if file.suffix.lower() == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"{display}: not valid {file.suffix.lstrip('.').upper()} ({e}); fix the syntax") from None
-    data = data.get("benchmark", data)
-    known = {"name", "role", "path", "description", "sha256", "label", "columns", "where"}
-    unknown = sorted(set(data) - known)
+    defaults = data.get("defaults", {})
+    entries = data.get("benchmark", data if not {"defaults", "groups"} & set(data) else [])
+    entries = [entries] if isinstance(entries, Mapping) else list(entries)
+    if not entries or not all(isinstance(e, Mapping) for e in [defaults, *entries]):
+        raise UserError(f"{display}: no [benchmark] table; a definition needs name, role and path")
+    specs = [_spec_from_definition({**defaults, **entry}, file, display, register, overwrite) for entry in entries]
+    groups = data.get("groups", {})
+    if not isinstance(groups, Mapping):
+        raise UserError(f"{display}: [groups] must map a group name to its member names")
+    for name, members in groups.items():
+        if register:
+            register_group(name, members, overwrite=overwrite)
+    return specs
+
+
+def _spec_from_definition(data: Mapping[str, Any], file: Path, display: str, register: bool,
+                          overwrite: bool) -> BenchmarkSpec:
+    unknown = sorted(set(data) - _DEFINITION_KEYS)
     if unknown:
-        raise UserError(f"{display}: unknown keys {unknown}; valid keys are {sorted(known)}")
-    for key in ("name", "role", "path"):
+        raise UserError(f"{display}: unknown keys {unknown}; valid keys are {sorted(_DEFINITION_KEYS)}")
+    needs = ("name", "role") + (() if data.get("files") else ("path",))
+    for key in needs:
         if not isinstance(data.get(key), str) or not data[key]:
             raise UserError(f"{display}: missing {key!r}; a definition needs name, role and path")
-    target = Path(data["path"]).expanduser()
-    if not target.is_absolute():
-        target = file.resolve().parent / target
-    return define_benchmark(data["name"], target, role=data["role"], columns=data.get("columns"),
-                            label=data.get("label"), where=data.get("where"),
-                            description=data.get("description", ""), sha256=data.get("sha256"),
-                            register=register, overwrite=overwrite)
+    if data.get("path"):  # a user's own file
+        target = Path(data["path"]).expanduser()
+        if not target.is_absolute():
+            target = file.resolve().parent / target
+        return define_benchmark(data["name"], target, role=data["role"], columns=data.get("columns"),
+                                label=data.get("label"), where=data.get("where"),
+                                description=data.get("description", ""), sha256=data.get("sha256"),
+                                register=register, overwrite=overwrite)
+    fields = dict(data)
+    try:
+        fields["hub"] = HubSource(**fields["hub"]) if "hub" in fields else None
+    except TypeError as e:
+        raise UserError(f"{display}: hub of {data['name']!r}: {e}; keys are path, name, split, data_files, revision") from None
+    fields["files"] = tuple(fields.get("files", ()))
+    fields["columns"] = {k: v if isinstance(v, str) else tuple(v) for k, v in fields.get("columns", {}).items()}
+    fields["where"] = _value_lists(fields.get("where", {}))
+    fields["options"] = {o: _value_lists(w) for o, w in fields.get("options", {}).items()}
+    spec = BenchmarkSpec(**fields)
+    if register:
+        register_benchmark(spec, overwrite=overwrite)
+        KNOWN_SHA256.update(spec.sha256)
+    return spec
+
+
+def _value_lists(where: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """A row filter as read from a definition: column -> the accepted values, as strings."""
+    return {k: tuple(str(x) for x in v) for k, v in where.items()}
+
+
+_register_builtins()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,17 +486,8 @@ def _find_file(spec: BenchmarkSpec, folders: Iterable[Path]) -> Path | None:
 
 
 def _rows_from_file(path: Path, display: str) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        rows, _ = _read_csv(path, display)
-    elif suffix == ".jsonl":
-        rows, _ = _read_jsonl(path, display)
-    elif suffix == ".parquet":
-        rows, _ = _read_parquet(path, display)
-    else:
-        raise UserError(f"{display}: unsupported extension {path.suffix or '(none)'!r}; "
-                        f"use a {'/'.join(SUPPORTED_EXTENSIONS)} file or a datasets folder")
-    return rows
+    """The rows of a prompt file (:func:`harness.prompt_files.read_rows` without the locations)."""
+    return read_rows(path, display)[0]
 
 
 def _rows_from_saved(folder: Path, spec: BenchmarkSpec, display: str) -> tuple[list[dict[str, Any]], str]:
@@ -660,8 +625,9 @@ def load_benchmark(
             rows = _rows_from_hub(spec.hub, spec, display)
             where_from, hub_id = f"hub:{spec.hub.describe()}", spec.hub.describe()
     verified: bool | None = None
+    where_rows: list[str] | None = None
     if file is not None:
-        rows = _rows_from_file(file, f"{display} file {file}")
+        rows, where_rows = read_rows(file, f"{display} file {file}")
         where_from = str(file.resolve())
         digest = sha256_file(file)
         if verify and spec.sha256:
@@ -671,88 +637,75 @@ def load_benchmark(
                 log.warning("%s: %s has sha256 %s, not the upstream original's %s; it may be an edited "
                             "copy, so results may not be comparable to published numbers",
                             display, file, digest[:16] + "...", expected[:16] + "...")
-    pset = _build(rows, spec, where, display=display, name=name, source=where_from,
-                  sha256=digest, verified=verified, hub_id=hub_id)
+    if where_rows is None:  # a dataset: rows by number
+        where_rows = [f"row {i}" for i in range(1, len(rows) + 1)]
+    built = build_records(rows, where_rows, spec.rules(where), name=name, display=display)
+    pset = BenchmarkSet(name=name, role=spec.role, source=where_from,
+                        records=tuple(BenchmarkRecord(**r) for r in built.records), benchmark=spec.name,
+                        sha256=digest, verified=verified, hub_id=hub_id, n_filtered=built.n_filtered)
     if limit is not None and limit < len(pset.records):
         pset = dataclasses.replace(pset, records=pset.records[:limit])
     return pset
 
 
-def _pick(row: Mapping[str, Any], cands: tuple[str, ...]) -> tuple[str | None, Any]:
-    for c in cands:
-        if c in row:
-            return c, row[c]
-    return None, None
+@dataclass(frozen=True)
+class SetRequest:
+    """One ``--prompt-sets`` item as :func:`parse_set_spec` reads it.
+
+    ``kind``: ``definition`` (a TOML/JSON definition file at ``source``), ``benchmark`` (the
+    registered benchmark or group ``name``, ``+OPTION`` allowed, rows from ``source`` if given),
+    ``mapped`` (a user file ``source`` named ``name`` with a column mapping from ``columns``),
+    ``file`` (a plain prompt file or built-in set ``source``, named ``name`` if given, with ``role``
+    if given).
+    """
+
+    kind: str
+    text: str
+    name: str | None = None
+    source: str | None = None
+    role: str | None = None
 
 
-def _build(rows: list[dict[str, Any]], spec: BenchmarkSpec, where: Mapping[str, tuple[str, ...]], *,
-           display: str, name: str, source: str, sha256: str | None, verified: bool | None,
-           hub_id: str | None) -> BenchmarkSet:
-    if not rows:
-        raise UserError(f"{display}: the source has no rows; check the file")
-    found = columns_in(rows)
-    cols = {f: next((c for c in spec.candidates(f) if c in found), None) for f in SPEC_FIELDS}
-    if cols["prompt"] is None:
-        wanted = " or ".join(repr(c) for c in spec.candidates("prompt"))
-        raise UserError(f"{display}: no prompt column {wanted} (found: {_cols(found)}); map it, e.g. "
-                        f"prompt={found[0] if found else 'COLUMN'}")
-    explicit = {f for f in spec.columns if f != "prompt"}
-    for f in explicit:
-        if cols[f] is None and f in ("id", "label"):
-            raise UserError(f"{display}: no {f} column {' or '.join(map(repr, spec.candidates(f)))} "
-                            f"(found: {_cols(found)}); fix the column mapping")
-    active_where = {c: v for c, v in where.items() if c in found}
-    for c in where:
-        if c not in found:
-            log.info("%s: column %r not in the source; row filter on it skipped", display, c)
+def parse_set_spec(text: str, columns: Mapping[str, Mapping[str, str]] | None = None) -> SetRequest:
+    """The one reading of the ``--prompt-sets`` grammar, in the order the forms are tried:
 
-    records: list[BenchmarkRecord] = []
-    seen: dict[str, int] = {}
-    n_filtered = 0
-    for i, row in enumerate(rows):
-        loc = f"row {i + 1}"
-        if any(str(row.get(c, "")).strip() not in allowed for c, allowed in active_where.items()):
-            n_filtered += 1
-            continue
-        behavior = row.get(cols["prompt"])
-        if not isinstance(behavior, str) or not behavior.strip():
-            raise UserError(f"{display}: {loc} has an empty or non-text prompt ({_short(behavior)}); "
-                            f"fix or remove the row")
-        context = row.get(cols["context"]) if cols["context"] else None
-        context = "" if _is_missing(context) else str(context)
-        prompt = spec.context_template.format(context=context, prompt=behavior) if context else behavior
-        if cols["id"]:
-            rid = _as_id(row.get(cols["id"]))
-            if rid is None:
-                raise UserError(f"{display}: {loc} has a missing or invalid id ({_short(row.get(cols['id']))})")
-        else:
-            rid = f"{name}-{i}"
-        if rid in seen:
-            raise UserError(f"{display}: duplicate id {rid!r} (rows {seen[rid]} and {i + 1}); ids must be unique")
-        seen[rid] = i + 1
-        category = DEFAULT_CATEGORY
-        if cols["category"] and not _is_missing(row.get(cols["category"])):
-            category = str(row.get(cols["category"])).strip() or DEFAULT_CATEGORY
-        category = spec.category_aliases.get(category, category)
-        if spec.label is not None:
-            label = spec.label
-        elif cols["label"]:
-            raw = row.get(cols["label"])
-            label = _LABEL_ALIASES.get(raw.strip().lower()) if isinstance(raw, str) else None
-            if label is None:
-                raise UserError(f"{display}: {loc} has invalid label {_short(raw)}; use harmful/benign "
-                                f"(unsafe/safe are accepted too)")
-        else:
-            label = "harmful" if spec.role == "harmful" else "benign"
-        target = row.get(cols["target"]) if cols["target"] else ""
-        records.append(BenchmarkRecord(id=rid, prompt=prompt, category=category, label=label,
-                                       behavior=behavior, context=context,
-                                       target="" if _is_missing(target) else str(target)))
-    if not records:
-        raise UserError(f"{display}: no rows left after the row filter {dict(where)}; is this the right file?")
-    return BenchmarkSet(name=name, role=spec.role, source=source, records=tuple(records),
-                        benchmark=spec.name, sha256=sha256, verified=verified, hub_id=hub_id,
-                        n_filtered=n_filtered)
+    * ``def.toml`` / ``def.json``: a benchmark definition file (see :func:`benchmark_from_file`);
+    * ``NAME=SOURCE`` with NAME a registered benchmark or group: that entry, rows from SOURCE
+      (a group's members each pick their own upstream file from a folder SOURCE);
+    * ``ROLE=PATH`` (harmful/benign/overrefusal): a plain prompt file with that role;
+    * ``NAME=PATH`` with NAME in ``columns``: a user file with that column mapping;
+    * ``NAME=PATH`` / ``NAME=ROLE=PATH`` with an unregistered NAME: a user file named NAME, role
+      from its label column or ROLE;
+    * ``NAME`` (``+OPTION`` allowed): a registered benchmark or group;
+    * ``PATH``: a plain prompt file.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"benchmark {text!r} is empty; pass a name ({_known()}) or NAME=PATH")
+    text = text.strip()
+    path = Path(text).expanduser()
+    if path.suffix.lower() in (".toml", ".json") and path.is_file():
+        return SetRequest("definition", text, source=text)
+    if "=" in text and not path.exists():
+        name, _, src = (s.strip() for s in text.partition("="))
+        if not src:
+            raise UserError(f"benchmark {text!r}: nothing after '='; write {name}=PATH")
+        base = name.split("+", 1)[0]
+        if base in GROUPS or (base in BENCHMARKS and not BENCHMARKS[base].builtin):
+            return SetRequest("benchmark", text, name=name, source=src)
+        if name in ROLES:
+            role, target = split_role(text)
+            return SetRequest("file", text, source=target, role=role)
+        if name in (columns or {}):
+            return SetRequest("mapped", text, name=name, source=src)
+        role, target = split_role(src)
+        return SetRequest("file", text, name=name, source=target, role=role)
+    base = text.split("+", 1)[0]
+    if base in GROUPS or base in BENCHMARKS:
+        return SetRequest("benchmark", text, name=text)
+    if not path.exists() and path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise UserError(f"unknown prompt set {text!r}: not a benchmark ({_known()}) and no such file; "
+                        f"pass a benchmark name, NAME=PATH or a {'/'.join(SUPPORTED_EXTENSIONS)} file")
+    return SetRequest("file", text, source=text)
 
 
 def load_benchmarks(
@@ -763,18 +716,8 @@ def load_benchmarks(
     columns: Mapping[str, Mapping[str, str]] | None = None,
     verify: bool = True,
 ) -> list[PromptSet]:
-    """Resolve the audit's ``--prompt-sets`` / ``--benchmark`` strings into prompt sets.
-
-    Accepted forms, in the order they are tried:
-
-    * ``def.toml`` / ``def.json``: a benchmark definition file (see :func:`benchmark_from_file`);
-    * ``NAME=SOURCE`` with NAME a registered benchmark or group: that entry, rows from SOURCE
-      (a group's members each pick their own upstream file from a folder SOURCE);
-    * ``ROLE=PATH`` (harmful/benign/overrefusal): a plain prompt file, as ``load_prompt_set`` does;
-    * ``NAME=PATH`` / ``NAME=ROLE=PATH`` with an unregistered NAME: a user file named NAME, role
-      from its label column or ROLE (or pass ``columns={NAME: {...}}`` for a column mapping);
-    * ``NAME`` (``+OPTION`` allowed): a registered benchmark or group;
-    * ``PATH``: a plain prompt file.
+    """Resolve the audit's ``--prompt-sets`` / ``--benchmark`` strings (the grammar of
+    :func:`parse_set_spec`) into prompt sets.
 
     Returns the sets in order, groups expanded; set names are unique or a UserError says so.
     """
@@ -782,44 +725,24 @@ def load_benchmarks(
     out: list[PromptSet] = []
     columns = columns or {}
     for raw in specs:
-        if not isinstance(raw, str) or not raw.strip():
-            raise UserError(f"benchmark {raw!r} is empty; pass a name ({_known()}) or NAME=PATH")
-        text = raw.strip()
-        path = Path(text).expanduser()
-        if path.suffix.lower() in (".toml", ".json") and path.is_file():
-            spec = benchmark_from_file(path)
-            out.append(load_benchmark(spec.name, data_dir=data_dir, limit=limit, verify=verify))
-            continue
-        if "=" in text and not path.exists():
-            name, _, src = (s.strip() for s in text.partition("="))
-            if not src:
-                raise UserError(f"benchmark {text!r}: nothing after '='; write {name}=PATH")
-            base = name.split("+", 1)[0]
-            if base in GROUPS or (base in BENCHMARKS and not BENCHMARKS[base].builtin):
-                for member in expand(name):
-                    out.append(load_benchmark(member, src, limit=limit, verify=verify))
-                continue
-            if name in ROLES:
-                out.append(load_prompt_set(text, limit=limit))
-                continue
-            if name in columns:
-                spec = define_benchmark(name, src, role=columns[name].get("role", "harmful"),
-                                        columns={k: v for k, v in columns[name].items() if k != "role"},
-                                        overwrite=True)
-                out.append(load_benchmark(spec.name, limit=limit, verify=verify))
-                continue
-            ps = load_prompt_set(src, limit=limit)
-            out.append(BenchmarkSet(name, ps.role, ps.source, ps.records, benchmark=name))
-            continue
-        base = text.split("+", 1)[0]
-        if base in GROUPS or base in BENCHMARKS:
-            for member in expand(text):
-                out.append(load_benchmark(member, data_dir=data_dir, limit=limit, verify=verify))
-            continue
-        if not path.exists() and path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            raise UserError(f"unknown prompt set {text!r}: not a benchmark ({_known()}) and no such file; "
-                            f"pass a benchmark name, NAME=PATH or a {'/'.join(SUPPORTED_EXTENSIONS)} file")
-        out.append(load_prompt_set(text, limit=limit))
+        req = parse_set_spec(raw, columns)
+        if req.kind == "definition":
+            for spec in read_definitions(Path(req.source).expanduser()):
+                out.append(load_benchmark(spec.name, data_dir=data_dir, limit=limit, verify=verify))
+        elif req.kind == "benchmark":
+            # rows from an explicit source, else from the data folders or the Hub
+            for member in expand(req.name):
+                out.append(load_benchmark(member, req.source, data_dir=None if req.source else data_dir,
+                                          limit=limit, verify=verify))
+        elif req.kind == "mapped":
+            mapping = columns[req.name]
+            spec = define_benchmark(req.name, req.source, role=mapping.get("role", "harmful"),
+                                    columns={k: v for k, v in mapping.items() if k != "role"}, overwrite=True)
+            out.append(load_benchmark(spec.name, limit=limit, verify=verify))
+        else:
+            ps = load_prompt_set(req.source, limit=limit, role=req.role)
+            out.append(ps if req.name is None else BenchmarkSet(req.name, ps.role, ps.source, ps.records,
+                                                                 benchmark=req.name))
     names = [ps.name for ps in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -60,15 +60,13 @@ def _parse_value(text: str):
 def parse_options(items, where: str, example: str = "") -> dict:
     """``KEY=VALUE`` items (each may hold several, comma-separated) as a dict of typed values;
     ``where`` names the input in the error, ``example`` is appended to it."""
+    from common.keyvalue import key_value_items
+
     options: dict = {}
-    for item in ",".join(items).split(","):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise UserError(f"{where}{item!r} must be written KEY=VALUE{example}")
-        key, value = item.split("=", 1)
-        options[key.strip()] = _parse_value(value.strip())
-        if isinstance(options[key.strip()], float) and not math.isfinite(options[key.strip()]):
+    for item, key, value in key_value_items(items, lambda bad: UserError(f"{where}{bad!r} must be written "
+                                                                         f"KEY=VALUE{example}")):
+        options[key] = _parse_value(value)
+        if isinstance(options[key], float) and not math.isfinite(options[key]):
             raise UserError(f"{where}{item.strip()!r} is not a finite number: give a number{example}")
     return options
 

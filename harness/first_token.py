@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.generation import chat_prompt
+from common.batching import left_pad
+from common.prompts import chat_prompt
 from harness.stats import correlate  # noqa: F401  (re-exported: the signal and its check live together)
 
 #: Documented refusal openings (straight and typographic apostrophes; leading capital as models
@@ -99,21 +100,15 @@ def first_token_refusal_prob(model, tokenizer, prompts: Sequence[str], batch_siz
     tokens = tokens or refusal_tokens(tokenizer, openings, system_prompt=system_prompt)
     ids = torch.tensor(tokens.first_token_ids, dtype=torch.long)
     device = _device(model)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # the last position is the first assistant position in every row
     out: list[float] = []
-    try:
-        for start in range(0, len(prompts), max(1, batch_size)):
-            texts = [chat_prompt(tokenizer, p, system_prompt) for p in prompts[start:start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            # position ids from the mask, as generate() computes them for left-padded rows
-            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            # only the last position's logits: a full-vocabulary row per prompt token is wasted work
-            logits = model(**enc, position_ids=positions, logits_to_keep=1).logits[:, -1, :].float()
-            probs = torch.softmax(logits, dim=-1)
-            out.extend(probs[:, ids.to(device)].sum(dim=-1).tolist())
-    finally:
-        tokenizer.padding_side = old_side
+    for start in range(0, len(prompts), max(1, batch_size)):
+        # left padded: the last position is the first assistant position in every row
+        enc = left_pad([_encode(tokenizer, chat_prompt(tokenizer, p, system_prompt))
+                        for p in prompts[start:start + batch_size]], tokenizer.pad_token_id, device=device)
+        # only the last position's logits: a full-vocabulary row per prompt token is wasted work
+        logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
+        probs = torch.softmax(logits, dim=-1)
+        out.extend(probs[:, ids.to(device)].sum(dim=-1).tolist())
     return out
 
 

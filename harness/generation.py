@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from common.prompts import chat_prompt
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -23,19 +25,6 @@ class GenerationSettings:
 
     def key(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt, "decoding": "greedy"}
-
-
-def chat_prompt(tokenizer, prompt: str, system_prompt: str | None = None) -> str:
-    """The prompt wrapped in the model's chat template, ready for the assistant's turn.
-
-    Models without a chat template (base models) get the raw prompt, so a base model can still be
-    audited as a completion model.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _batches(items: Sequence, size: int) -> Iterator[tuple[int, Sequence]]:

@@ -42,14 +42,16 @@ def parse_columns(text: str | None) -> dict[str, str]:
     """``FIELD=COLUMN,...`` (fields prompt, response, label, source, group) -> mapping."""
     from harness.errors import UserError
 
+    from common.keyvalue import key_value_items
+
+    def bad(item: str) -> UserError:
+        return UserError(f"--columns item {item!r}: use FIELD=COLUMN with FIELD one of {', '.join(DEFAULT_COLUMNS)}")
+
     out: dict[str, str] = {}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or key.strip() not in DEFAULT_COLUMNS:
-            raise UserError(f"--columns item {item!r}: use FIELD=COLUMN with FIELD one of {', '.join(DEFAULT_COLUMNS)}")
-        out[key.strip()] = value.strip()
+    for item, key, value in key_value_items(text or "", bad):
+        if key not in DEFAULT_COLUMNS:
+            raise bad(item)
+        out[key] = value
     return out
 
 

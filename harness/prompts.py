@@ -3,7 +3,8 @@
 Every audit scores a model on named prompt sets. Each set has a *role* that says which answer is
 right: ``harmful`` (refusing is right), ``benign`` and ``overrefusal`` (refusing is wrong). Each
 record carries its own ``label`` (``harmful`` or ``benign``) as well, so a mixed file such as
-XSTest keeps its per-prompt truth.
+XSTest keeps its per-prompt truth. Files are read, and their rows checked, by
+:mod:`harness.prompt_files` (the row builder benchmark entries use too).
 
 Bad input never gives a traceback: every problem raises :class:`harness.errors.UserError` with
 one line that names the set or file and says how to fix it.
@@ -11,15 +12,15 @@ one line that names the set or file and says how to fix it.
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.keyvalue import key_value_items
 from harness.errors import UserError
+from harness.prompt_files import (DEFAULT_CATEGORY, SUPPORTED_EXTENSIONS, RowRules, build_records, columns_in,
+                                  read_rows)
 
 __all__ = [
     "BUILTIN_SETS",
@@ -33,6 +34,7 @@ __all__ = [
     "list_prompt_sets",
     "load_prompt_set",
     "parse_column_map",
+    "split_role",
 ]
 
 PROMPT_DIR = Path(__file__).resolve().parent / "data" / "prompts"
@@ -41,17 +43,6 @@ ROLES: tuple[str, ...] = ("harmful", "benign", "overrefusal")
 LABELS: tuple[str, ...] = ("harmful", "benign")
 # Record fields a column mapping may target.
 FIELDS: tuple[str, ...] = ("id", "prompt", "category", "label")
-SUPPORTED_EXTENSIONS: tuple[str, ...] = (".jsonl", ".csv", ".parquet")
-DEFAULT_CATEGORY = "uncategorised"
-
-# Label spellings accepted from files (case-insensitive). "safe"/"unsafe" is what XSTest uses,
-# so that file loads without rewriting it.
-_LABEL_ALIASES: dict[str, str] = {
-    "harmful": "harmful",
-    "unsafe": "harmful",
-    "benign": "benign",
-    "safe": "benign",
-}
 
 # name -> (file under PROMPT_DIR, role)
 BUILTIN_SETS: dict[str, tuple[str, str]] = {
@@ -114,30 +105,18 @@ def parse_column_map(items: str | Sequence[str] | None) -> dict[str, str]:
     """
     if items is None:
         return {}
-    parts = items.split(",") if isinstance(items, str) else [p for i in items for p in i.split(",")]
+
+    def bad(item: str) -> UserError:
+        return UserError(f"column mapping {item.strip()!r} is not FIELD=COLUMN; write e.g. prompt=goal "
+                         f"(fields: {', '.join(FIELDS)})")
+
     mapping: dict[str, str] = {}
-    for part in parts:
-        part = part.strip()
-        if not part:
-            continue
-        field, sep, column = part.partition("=")
-        field, column = field.strip(), column.strip()
-        if not sep or not field or not column:
-            raise UserError(
-                f"column mapping {part!r} is not FIELD=COLUMN; write e.g. prompt=goal "
-                f"(fields: {', '.join(FIELDS)})"
-            )
+    for item, field, column in key_value_items(items, bad):
+        if not field or not column:
+            raise bad(item)
         mapping[field] = column
     _check_column_map(mapping, "column mapping")
     return mapping
-
-
-def columns_in(rows: list[dict]) -> list[str]:
-    """Every column name that occurs in `rows`, in first-seen order (rows may differ in keys)."""
-    found: dict[str, None] = {}
-    for row in rows:
-        found.update(dict.fromkeys(row))
-    return list(found)
 
 
 def load_prompt_set(
@@ -172,26 +151,14 @@ def load_prompt_set(
             f"prompt set {display!r}: unknown role {role!r}; use one of {', '.join(ROLES)}"
         )
 
-    target = spec
-    if "=" in spec and not Path(spec).expanduser().exists():
-        prefix, _, rest = spec.partition("=")
-        prefix, rest = prefix.strip(), rest.strip()
-        if prefix not in ROLES:
-            raise UserError(
-                f"prompt set {display!r}: {prefix!r} before '=' is not a role; write "
-                f"ROLE=PATH with ROLE one of {', '.join(ROLES)} (e.g. harmful=my_prompts.csv)"
-            )
-        if not rest:
-            raise UserError(
-                f"prompt set {display!r}: nothing after '='; write {prefix}=PATH to a "
-                f"{_exts()} file"
-            )
+    prefix, target = split_role(spec)
+    if prefix is not None:
         if role is not None and role != prefix:
             raise UserError(
                 f"prompt set {display!r}: role {prefix!r} in the spec contradicts role "
                 f"{role!r} passed separately; give only one"
             )
-        role, target = prefix, rest
+        role = prefix
 
     if target in BUILTIN_SETS:
         if column_map:
@@ -200,16 +167,9 @@ def load_prompt_set(
                 f"so drop it"
             )
         file, builtin_role = BUILTIN_SETS[target]
-        rows, where = _read_jsonl(PROMPT_DIR / file, f"built-in set {target!r}")
-        pset = _build(
-            rows,
-            where,
-            name=target,
-            role=role or builtin_role,
-            source=f"builtin:{target}",
-            display=f"built-in set {target!r}",
-            column_map={},
-        )
+        rows, where = read_rows(PROMPT_DIR / file, f"built-in set {target!r}")
+        pset = _prompt_set(rows, where, {}, name=target, role=role or builtin_role, source=f"builtin:{target}",
+                           display=f"built-in set {target!r}")
         return _limited(pset, limit)
 
     path = Path(target).expanduser()
@@ -237,21 +197,8 @@ def load_prompt_set(
     display = f"prompt set file {target}"
     cmap = dict(column_map or {})
     _check_column_map(cmap, display)
-    if suffix == ".jsonl":
-        rows, where = _read_jsonl(path, display)
-    elif suffix == ".csv":
-        rows, where = _read_csv(path, display)
-    else:
-        rows, where = _read_parquet(path, display)
-    pset = _build(
-        rows,
-        where,
-        name=path.stem,
-        role=role,
-        source=str(path.resolve()),
-        display=display,
-        column_map=cmap,
-    )
+    rows, where = read_rows(path, display)
+    pset = _prompt_set(rows, where, cmap, name=path.stem, role=role, source=str(path.resolve()), display=display)
     return _limited(pset, limit)
 
 
@@ -263,168 +210,35 @@ def list_prompt_sets() -> list[tuple[str, str, int, str]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# readers: each returns (rows, where) with where[i] naming row i for error messages
-
-
-def _read_jsonl(path: Path, display: str) -> tuple[list[dict[str, Any]], list[str]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{display}: not UTF-8 text; save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"{display}: cannot read ({e.strerror or e})") from None
-    rows: list[dict[str, Any]] = []
-    where: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{display}: line {lineno} is not valid JSON ({e.msg}); write one JSON object "
-                f"per line"
-            ) from None
-        if not isinstance(obj, dict):
-            raise UserError(
-                f"{display}: line {lineno} is a JSON {type(obj).__name__}, not an object; write "
-                f'one object per line, e.g. {{"prompt": "..."}}'
-            )
-        rows.append(obj)
-        where.append(f"line {lineno}")
-    return rows, where
-
-
-def _read_csv(path: Path, display: str) -> tuple[list[dict[str, Any]], list[str]]:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = [dict(r) for r in reader]
-            header = reader.fieldnames or []
-    except UnicodeDecodeError:
-        raise UserError(f"{display}: not UTF-8 text; save it as UTF-8") from None
-    except csv.Error as e:
-        raise UserError(f"{display}: malformed CSV ({e}); check its quoting") from None
-    except OSError as e:
-        raise UserError(f"{display}: cannot read ({e.strerror or e})") from None
-    if not header:
-        raise UserError(f"{display} is empty: no header row and no prompts; add a header row "
-                        f"with a prompt column")
-    for r in rows:
-        r.pop(None, None)  # surplus fields of a ragged row
-    return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
-
-
-def _read_parquet(path: Path, display: str) -> tuple[list[dict[str, Any]], list[str]]:
-    try:
-        import pandas as pd
-
-        df = pd.read_parquet(path)
-    except ImportError:
+def split_role(spec: str) -> tuple[str | None, str]:
+    """``ROLE=PATH`` -> ``(ROLE, PATH)``, the one reading of a role prefix (a path that exists is
+    taken whole even when it holds ``=``); ``(None, spec)`` without one. Raises :class:`UserError`
+    when the part before ``=`` is not a role or nothing follows it."""
+    if "=" not in spec or Path(spec).expanduser().exists():
+        return None, spec
+    prefix, _, rest = spec.partition("=")
+    prefix, rest = prefix.strip(), rest.strip()
+    if prefix not in ROLES:
         raise UserError(
-            f"{display}: reading parquet needs pyarrow; run: pip install pyarrow"
-        ) from None
-    except Exception as e:  # pyarrow raises several unrelated types for a bad file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{display}: cannot read parquet ({msg}); check the file") from None
-    columns = [str(c) for c in df.columns]
-    rows = [dict(zip(columns, vals)) for vals in df.itertuples(index=False, name=None)]
-    if not rows:
-        return [], []
-    return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
-
-
-# ---------------------------------------------------------------------------------------------
-# validation
-
-
-def _build(
-    rows: list[dict[str, Any]],
-    where: list[str],
-    *,
-    name: str,
-    role: str | None,
-    source: str,
-    display: str,
-    column_map: dict[str, str],
-) -> PromptSet:
-    """Turn raw rows into a validated PromptSet (columns, labels, ids, prompts)."""
-    if not rows:
-        raise UserError(f"{display} is empty: it has no prompts; add at least one row")
-
-    found = columns_in(rows)
-    col = {f: column_map.get(f, f) for f in FIELDS}
-
-    missing_mapped = [f"{f}={c}" for f, c in column_map.items() if c not in found]
-    if missing_mapped:
-        raise UserError(
-            f"{display}: column mapping {', '.join(missing_mapped)} names column(s) not in the "
-            f"file (found: {_cols(found)}); fix the mapping"
+            f"prompt set {spec!r}: {prefix!r} before '=' is not a role; write "
+            f"ROLE=PATH with ROLE one of {', '.join(ROLES)} (e.g. harmful=my_prompts.csv)"
         )
-    if col["prompt"] not in found:
-        example = next((c for c in found if c not in col.values()), None) or "COLUMN"
+    if not rest:
         raise UserError(
-            f"{display}: missing required column {col['prompt']!r} (found: {_cols(found)}); "
-            f"map the prompt column, e.g. prompt={example}"
+            f"prompt set {spec!r}: nothing after '='; write {prefix}=PATH to a "
+            f"{_exts()} file"
         )
-    has_label = col["label"] in found
-    if not has_label and role is None:
-        raise UserError(
-            f"{display}: no {col['label']!r} column (found: {_cols(found)}) and no role; "
-            f"prefix the path with a role (harmful=PATH, benign=PATH or overrefusal=PATH) or "
-            f"map a label column, e.g. label=COLUMN"
-        )
-    has_id = col["id"] in found
-    has_cat = col["category"] in found
-    role_label = "harmful" if role == "harmful" else "benign"
+    return prefix, rest
 
-    records: list[PromptRecord] = []
-    seen: dict[str, str] = {}
-    for i, (row, loc) in enumerate(zip(rows, where)):
-        prompt = row.get(col["prompt"])
-        if not isinstance(prompt, str):
-            raise UserError(
-                f"{display}: {loc} has a non-string prompt ({_short(prompt)}, "
-                f"{type(prompt).__name__}); every prompt must be text"
-            )
-        if not prompt.strip():
-            raise UserError(f"{display}: {loc} has an empty prompt; remove the row or fill it in")
 
-        if has_id:
-            rid = _as_id(row.get(col["id"]))
-            if rid is None:
-                raise UserError(
-                    f"{display}: {loc} has a missing or invalid id ({_short(row.get(col['id']))}); "
-                    f"every id must be a non-empty string or integer"
-                )
-        else:
-            rid = f"{name}-{i}"
-        if rid in seen:
-            raise UserError(
-                f"{display}: duplicate id {rid!r} ({seen[rid]} and {loc}); ids must be unique"
-            )
-        seen[rid] = loc
-
-        category = DEFAULT_CATEGORY
-        if has_cat and not _is_missing(row.get(col["category"])):
-            category = str(row.get(col["category"])).strip() or DEFAULT_CATEGORY
-
-        if has_label:
-            raw = row.get(col["label"])
-            label = _LABEL_ALIASES.get(raw.strip().lower()) if isinstance(raw, str) else None
-            if label is None:
-                raise UserError(
-                    f"{display}: {loc} has invalid label {_short(raw)}; use harmful or benign "
-                    f"(unsafe/safe are accepted too)"
-                )
-        else:
-            label = role_label
-        records.append(PromptRecord(id=rid, prompt=prompt, category=category, label=label))
-
-    if role is None:
-        role = "harmful" if all(r.label == "harmful" for r in records) else "benign"
-    return PromptSet(name=name, role=role, source=source, records=tuple(records))
+def _prompt_set(rows: list[dict[str, Any]], where: list[str], column_map: Mapping[str, str], *, name: str,
+                role: str | None, source: str, display: str) -> PromptSet:
+    """Rows checked by the one row builder (:func:`harness.prompt_files.build_records`) as a PromptSet."""
+    rules = RowRules(columns={f: (c,) for f, c in column_map.items()}, required=tuple(column_map), role=role)
+    built = build_records(rows, where, rules, name=name, display=display)
+    records = tuple(PromptRecord(id=r["id"], prompt=r["prompt"], category=r["category"], label=r["label"])
+                    for r in built.records)
+    return PromptSet(name=name, role=built.role, source=source, records=records)
 
 
 def _limited(pset: PromptSet, limit: int | None) -> PromptSet:
@@ -444,42 +258,6 @@ def _check_column_map(cmap: Mapping[str, str], display: str) -> None:
             raise UserError(
                 f"{display}: column mapping {field}={column!r} must name a column, e.g. prompt=goal"
             )
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and not value.strip()
-
-
-def _as_id(value: Any) -> str | None:
-    """Ids may be strings or integers (CSV/parquet row numbers); anything else is an error."""
-    if isinstance(value, bool) or _is_missing(value):
-        return None
-    if isinstance(value, str):
-        return value.strip()
-    try:
-        import numbers
-
-        if isinstance(value, numbers.Integral):
-            return str(int(value))
-        if isinstance(value, numbers.Real) and float(value).is_integer():
-            return str(int(value))
-    except (TypeError, ValueError):
-        return None
-    return None
-
-
-def _short(value: Any, n: int = 40) -> str:
-    """repr() cut to n characters: keeps error messages on one line."""
-    s = repr(value)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def _cols(cols: Sequence[str]) -> str:
-    return ", ".join(str(c) for c in cols) if cols else "none"
 
 
 def _known() -> str:

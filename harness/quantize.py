@@ -23,13 +23,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.prompts import PromptFootprint
 from harness.calibration_data import (CHAT_PREFIX, CalibrationOptions, calibration_text, load_calibration,
                                       load_calibration_prompts)
 from harness.config import VariantSpec
@@ -363,17 +363,9 @@ def _check_calibration_inputs(calib: CalibrationOptions, model_kind: str, seed: 
         load_calibration_prompts(calib.prompts)
 
 
-_WS = re.compile(r"\s+")
-
-
-def _normalise(text: str) -> str:
-    return _WS.sub(" ", text.strip().lower())
-
-
 def calibration_overlap(calibration: Iterable[dict], evaluation: Iterable[tuple[str, str, str]]) -> list[str]:
-    """``set/id`` of evaluation prompts that are also calibration prompts (same id or same text
-    after lower-casing and collapsing whitespace). ``evaluation`` yields ``(set, id, prompt)``."""
-    calib = list(calibration)
-    ids = {str(r["id"]) for r in calib}
-    texts = {_normalise(r["prompt"]) for r in calib if r.get("prompt")}
-    return [f"{name}/{rid}" for name, rid, prompt in evaluation if str(rid) in ids or _normalise(prompt) in texts]
+    """``set/id`` of evaluation prompts that are also calibration prompts, by the one rule of
+    :class:`common.prompts.PromptFootprint` (same normalised text, or same id).
+    ``evaluation`` yields ``(set, id, prompt)``."""
+    footprint = PromptFootprint.of(calibration)
+    return [f"{name}/{rid}" for name, rid, prompt in evaluation if footprint.matches(rid, prompt)]

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.errors import UserError
-from reports.atomic import atomic_write, file_mode, remove_orphaned_temps
+from common.files import JsonlLineError, atomic_write, atomic_write_json, file_mode, jsonl_objects, remove_orphaned_temps
 
 # One definition for the writer and every reader (reports.schema holds the migrations).
 from reports.schema import SCHEMA_VERSION  # noqa: E402,F401
@@ -50,21 +50,16 @@ def stable_hash(obj) -> str:
 atomic_write_text = atomic_write
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file; a torn last line (from an interrupted append) is dropped."""
     rows = []
     if not path.is_file():
         return rows
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+        try:
+            rows.extend(obj for _lineno, obj in jsonl_objects(fh))
+        except JsonlLineError:
+            pass
     return rows
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from reports.atomic import atomic_write
+from common.files import atomic_write_json
 
 from .errors import ProbeError
 
@@ -46,11 +46,6 @@ log = logging.getLogger(__name__)
 POSITIONS: tuple[str, ...] = ("last", "mean")
 #: Warn (and suggest ``stream_dir``) when in-memory activations would exceed this many bytes.
 MEMORY_WARN_BYTES = 4 << 30
-#: Where decoder-layer lists live in common transformers architectures.
-_LAYER_PATHS = (
-    "model.layers", "model.model.layers", "model.language_model.layers",
-    "language_model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
-)
 MANIFEST = "activations.json"
 _RANGE = re.compile(r"^(\d+)\s*[-:]\s*(\d+)$")
 
@@ -152,26 +147,6 @@ def _call(obj, name):
         return None
 
 
-def find_decoder_layers(model, n_layers: int | None = None):
-    """The model's list of decoder blocks (an ``nn.ModuleList``), or None if not found."""
-    import torch
-
-    for path in _LAYER_PATHS:
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0 and (n_layers is None or len(obj) == n_layers):
-            return obj
-    if n_layers is None:
-        return None
-    candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
-    if len(candidates) == 1:
-        return candidates[0]
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # result container
 
@@ -247,10 +222,6 @@ def _array_name(position: str, layer: int) -> str:
     return f"{position}_layer{int(layer):03d}.npy"
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1))
-
-
 # ---------------------------------------------------------------------------------------------
 # capture
 
@@ -310,6 +281,9 @@ def capture(
     import torch
     from tqdm.auto import tqdm
 
+    from common.batching import left_pad, pad_token_id
+    from common.layout import decoder_layers as find_decoder_layers
+
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ProbeError(f"batch_size must be a positive integer, got {batch_size!r}")
     positions = parse_positions(position)
@@ -317,8 +291,7 @@ def capture(
     n = len(ids)
     n_layers = count_layers(model)
     chosen = parse_layers(layers, n_layers) if n_layers is not None else None
-    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
-                   if isinstance(t, int)), 0)
+    pad_id = pad_token_id(tokenizer)
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -326,7 +299,7 @@ def capture(
     fkw = _forward_kwargs(model)
 
     hook_out: dict[str, Any] = {}
-    decoder_layers = find_decoder_layers(model, n_layers)
+    decoder_layers = find_decoder_layers(model, n_layers)  # common.layout: the one adapter
     handle = None
     if decoder_layers is not None:
         def _hook(_mod, _inp, out):
@@ -347,16 +320,10 @@ def capture(
     try:
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, width - len(ids[i]) :] = torch.tensor(ids[i], dtype=torch.long)
-                mask[r, width - len(ids[i]) :] = 1
-            kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+            padded = left_pad([ids[i] for i in rows], pad_id, positions="always" if fkw["position_ids"] else "never")
+            mask = padded["attention_mask"]
+            kwargs: dict[str, Any] = {**{k: v.to(device) for k, v in padded.items()},
                                       "output_hidden_states": True, "use_cache": False, "return_dict": True}
-            if fkw["position_ids"]:
-                kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
             if fkw["logits_to_keep"]:
                 kwargs["logits_to_keep"] = 1
             hook_out.clear()
@@ -417,8 +384,9 @@ def capture(
                 arr.flush()
                 del arr
                 data[pos][layer] = np.load(stream / _array_name(pos, layer), mmap_mode="r", allow_pickle=False)
-        _write_json_atomic(stream / MANIFEST, {**acts.meta(), "n_tokens": n_tokens.tolist(),
-                                               "files": [_array_name(p, l) for p in positions for l in chosen]})
+        atomic_write_json(stream / MANIFEST, {**acts.meta(), "n_tokens": n_tokens.tolist(),
+                                               "files": [_array_name(p, l) for p in positions for l in chosen]},
+                          indent=1, end="")
     log.info("captured %d prompts x %d layers (%s) in %.1f s", n, len(chosen), "+".join(positions), seconds)
     return acts
 

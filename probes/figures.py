@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from reports.atomic import atomic_write
+from common.files import atomic_write
 
 from .projection import Projection2D
 

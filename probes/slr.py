@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from reports.atomic import atomic_write
+from common.files import atomic_write
 
 from .errors import ProbeError
 
@@ -260,10 +260,6 @@ def _stem(path: str | Path) -> Path:
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 
 
-#: Write via a temp file and rename, so readers never see a half-written probe or table.
-atomic_write_bytes = atomic_write
-
-
 def save_probes(path: str | Path, probes: Mapping[int, SLRProbe], metadata: Mapping[str, Any] | None = None,
                 *, single: bool = False) -> Path:
     """Save per-layer probes to ``PATH.safetensors`` (tensors ``layer.<i>.w`` / ``.b`` / ``.mean`` /
@@ -284,8 +280,8 @@ def save_probes(path: str | Path, probes: Mapping[int, SLRProbe], metadata: Mapp
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "single": single,
            "convention": "logit = h @ w + b on raw hidden states; label 1 = harmful, 0 = benign",
            "layers": layers_meta, "metadata": dict(metadata or {})}
-    atomic_write_bytes(stem.with_suffix(".safetensors"), save(tensors, metadata={"format": FORMAT}))
-    atomic_write_bytes(stem.with_suffix(".json"), json.dumps(doc, indent=1, default=_json_default).encode("utf-8"))
+    atomic_write(stem.with_suffix(".safetensors"), save(tensors, metadata={"format": FORMAT}))
+    atomic_write(stem.with_suffix(".json"), json.dumps(doc, indent=1, default=_json_default).encode("utf-8"))
     return stem.with_suffix(".safetensors")
 
 

@@ -40,7 +40,9 @@ import numpy as np
 from .capture import Activations, capture, count_layers, parse_layers
 from .errors import ProbeError
 from .separability import drift, projection_stats, separability
-from .slr import SLRProbe, as_binary_labels, atomic_write_bytes, fit_slr, save_probes, stratified_split
+from common.files import atomic_write
+
+from .slr import SLRProbe, as_binary_labels, fit_slr, save_probes, stratified_split
 from .transfer import transfer
 
 log = logging.getLogger(__name__)
@@ -142,10 +144,6 @@ def _clean(v: Any) -> Any:
         v = float(v)
         return v if math.isfinite(v) else None
     return v
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
@@ -369,14 +367,14 @@ class ProbeSuite:
         s = self.settings
         self.dir.mkdir(parents=True, exist_ok=True)
         table = self.table()
-        _atomic_text(self.dir / "layers.csv", _csv_text(table, TABLE_COLUMNS))
-        _atomic_text(self.dir / "layers.json", json.dumps(table, indent=1))
+        atomic_write(self.dir / "layers.csv", _csv_text(table, TABLE_COLUMNS))
+        atomic_write(self.dir / "layers.json", json.dumps(table, indent=1))
         split = np.full(len(self.labels), "train", dtype=object)
         split[self.test] = "test"
         score_rows = [{"variant": e.name, "layer": layer, "index": i, "id": self.ids[i],
                        "label": "harmful" if self.labels[i] else "benign", "split": split[i], "score": float(sc[i])}
                       for e in self.entries for layer, sc in sorted(e.scores.items()) for i in range(len(sc))]
-        _atomic_text(self.dir / "scores.csv", _csv_text(score_rows, ("variant", "layer", "index", "id", "label",
+        atomic_write(self.dir / "scores.csv", _csv_text(score_rows, ("variant", "layer", "index", "id", "label",
                                                                        "split", "score")))
         self.files.update(table_csv=self._rel(self.dir / "layers.csv"), table_json=self._rel(self.dir / "layers.json"),
                           scores_csv=self._rel(self.dir / "scores.csv"))
@@ -391,7 +389,7 @@ class ProbeSuite:
             if act_root.is_dir() and not any(act_root.iterdir()):
                 act_root.rmdir()
         result = self.summary()
-        _atomic_text(self.dir / SUMMARY_FILE, json.dumps(result, indent=1))
+        atomic_write(self.dir / SUMMARY_FILE, json.dumps(result, indent=1))
         result["files"]["summary_json"] = self._rel(self.dir / SUMMARY_FILE)
         return result
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from reports.atomic import TEMP_SUFFIX, folder_mode
+from common.files import TEMP_SUFFIX, folder_mode
 from reports.validation import check_schema
 from torch import nn
 

@@ -263,13 +263,16 @@ def model_inputs(batch: Any, device: torch.device | str) -> dict[str, torch.Tens
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-style transformers model (``model.model.layers``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+    """The decoder layers of a transformers causal LM, found by :mod:`common.layout`; raises
+    :class:`QuantizerError` when the model has none this project knows."""
+    from common.layout import LAYOUTS
+    from common.layout import decoder_layers as find_layers
+
+    layers = find_layers(model)
+    if layers is None:
         raise QuantizerError(
-            f"{type(model).__name__} has no model.layers decoder stack; only Llama-style architectures "
-            "(Llama, Qwen2, Mistral, SmolLM) are supported by this method"
+            f"{type(model).__name__} has no decoder-layer list this project knows; the architectures with "
+            f"a layout are {', '.join(LAYOUTS)} (add one to common.layout.LAYOUTS)"
         )
     return layers
 

@@ -160,7 +160,7 @@ class FusedTransformForward:
         #: id(module) -> (decoder layer index, qualified name), for every module inside a layer
         self._owner = {id(module): (li, f"{lp.prefix}.{name}" if name else lp.prefix)
                        for li, lp in enumerate(parts.layers)
-                       for name, module in parts.model.model.layers[li].named_modules()}
+                       for name, module in parts.blocks[li].named_modules()}
         self.layer_chains: list[list[ParamChain]] = [[] for _ in parts.layers]
         self.embed_chain: ParamChain | None = None
         self.head_chain: ParamChain | None = None
@@ -190,7 +190,7 @@ class FusedTransformForward:
             return []
         weight_chains = {id(c.module): c for c in self.layer_chains[li] if c.param == "weight"}
         return [(module, weight_chains.get(id(module)))
-                for module in self.parts.model.model.layers[li].modules()
+                for module in self.parts.blocks[li].modules()
                 if isinstance(module, (nn.Linear, QuantLinear))
                 and not self.weight_scheme.skips(self._owner[id(module)][1])]
 
@@ -243,7 +243,7 @@ class FusedTransformForward:
     @contextlib.contextmanager
     def installed(self) -> Iterator[FusedTransformForward]:
         """Patch the layers' forwards and the embedding/head hooks in; restore the model after."""
-        layers = self.parts.model.model.layers
+        layers = self.parts.blocks
         handles = []
         try:
             for li, layer in enumerate(layers):

@@ -50,9 +50,10 @@ import torch
 from torch import nn
 
 from .base import QuantContext, Quantizer, QuantizerError, register_quantizer
-from .calibration import capture_layer_inputs, decoder_layers, model_inputs, run_layer
+from .calibration import run_layer
 from .fake_quant import grid_params, mse_clip_search, quantize_to_grid
 from .modules import QuantLinear, enable_kv_quant, quantize_linear_layers
+from .pipeline import BlockPipeline
 from .rtn import RTNOptions, RTNQuantizer
 from .scheme import QuantScheme
 
@@ -208,14 +209,6 @@ class _Hessian:
         return self.sum * (2.0 / max(self.count, 1))
 
 
-def _token_masks(batches: Sequence[Any]) -> list[torch.Tensor | None]:
-    out = []
-    for batch in batches:
-        mask = model_inputs(batch, "cpu").get("attention_mask")
-        out.append(None if mask is None else mask.bool())
-    return out
-
-
 class _LayerHooks:
     """Forward pre-hooks on one decoder layer's target linears: apply the online input transform
     of plain ``nn.Linear`` targets (so the layer computes what the quantized model will), and, while
@@ -281,23 +274,19 @@ def _gptq_pass(
     written into the targets' weights in place; returns the names of the targets it quantized."""
     from tqdm.auto import tqdm
 
-    layers = decoder_layers(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    masks = _token_masks(batches)
-    inputs = capture_layer_inputs(model, batches, 0)
-    hidden = inputs.hidden
+    pipeline = BlockPipeline(model, batches)
     done: set[str] = set()
     tokens = 0
-    bar = tqdm(total=len(layers), desc="gptq", unit="layer", leave=False)
+    bar = tqdm(total=len(pipeline), desc="gptq", unit="layer", leave=False)
     try:
-        for li, layer in enumerate(layers):
-            prefix = names[id(layer)] + "."
+        for block in pipeline:
+            prefix = block.name + "."
             inside = [(n, m) for n, m in targets.items() if n.startswith(prefix)]
             hooks = _LayerHooks(inside, transforms)
             try:
-                for h, kw, mask in zip(hidden, inputs.kwargs, masks):
-                    hooks.new_batch(None if mask is None else mask.to(h.device))
-                    run_layer(layer, h, kw)
+                for h, kw, mask in zip(block.inputs, block.kwargs, block.masks):
+                    hooks.new_batch(None if mask is None else mask.bool().to(h.device))
+                    run_layer(block.layer, h, kw)
                 groups: dict[int, list[str]] = {}
                 for n, _ in inside:
                     if n in hooks.group_of:
@@ -317,17 +306,17 @@ def _gptq_pass(
                             done.add(n)
                     del q
                 hooks.hessians = []
-                # This layer's outputs with its quantized weights feed the next layer.
+                # This layer's outputs with its quantized weights (transform hooks still on) feed the next.
                 hooks.collect = False
-                hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, inputs.kwargs)]
+                block.outputs = block.run(block.inputs)
             finally:
                 hooks.remove()
             bar.update(1)
             if progress is not None:
-                progress("gptq", li + 1, len(layers))
+                progress("gptq", block.index + 1, len(pipeline))
     finally:
         bar.close()
-    stats.update({"layers": len(layers), "gptq_linears": len(done), "calibration_tokens": tokens})
+    stats.update({"layers": len(pipeline), "gptq_linears": len(done), "calibration_tokens": tokens})
     return done
 
 

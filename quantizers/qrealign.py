@@ -39,11 +39,9 @@ shared :func:`~quantizers.calibration.run_calibration` loop.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,10 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.batching import left_pad, pad_token_id
+from common.layout import LLAMA, layout_of
+from common.prompts import PromptFootprint, chat_prompt, normalise_prompt, prompt_hash
+
 from .base import QuantContext, Quantizer, QuantizerError, register_quantizer
 from .calibration import (
     CalibrationLog,
-    capture_layer_inputs,
     decoder_layers,
     input_channel_absmax,
     peak_memory_bytes,
@@ -66,6 +67,7 @@ from .calibration import (
 )
 from .fake_quant import fake_quant_activation, fake_quant_weight
 from .modules import default_weight_fn, enable_kv_quant, quantize_linear_layers
+from .pipeline import Block, BlockPipeline
 from .scheme import QuantScheme
 
 __all__ = [
@@ -187,18 +189,6 @@ class QRealignOptions:
 # data hygiene
 
 
-def normalise_prompt(text: str) -> str:
-    """Lower case, apostrophes dropped, other punctuation and white space folded: the form in
-    which two prompts count as the same (``"Kill it!" == "kill  it"``)."""
-    text = str(text).lower().replace("'", "").replace("\u2019", "")
-    return " ".join(re.findall(r"[a-z0-9]+", text))
-
-
-def prompt_hash(text: str) -> str:
-    """A short stable hash of the normalised prompt (stored instead of the text in metadata)."""
-    return hashlib.sha256(normalise_prompt(text).encode("utf-8")).hexdigest()[:16]
-
-
 def _field(record: Any, key: str) -> Any:
     return record.get(key) if isinstance(record, Mapping) else getattr(record, key, None)
 
@@ -268,33 +258,15 @@ def calibration_overlap(calibration_meta: Mapping[str, Any] | None, prompt_recor
     """Ids of ``prompt_records`` (dicts or objects with ``id``/``prompt``, optional ``source``) that
     were used to calibrate the variant (or to fit its probes): same normalised prompt text, or the
     same id from the same source (a record without a source matches any). ``calibration_meta`` is
-    the ``metadata["calibration_prompts"]`` a Q-realign variant records."""
+    the ``metadata["calibration_prompts"]`` a Q-realign variant records. The rule is
+    :class:`common.prompts.PromptFootprint`'s, the one the harness checks before calibrating."""
     if not calibration_meta:
         return []
-    hashes = set(calibration_meta.get("hashes") or ())
-    ids = set(map(str, calibration_meta.get("ids") or ())) | set(map(str, calibration_meta.get("probe_ids") or ()))
-    sources = set(str(calibration_meta.get("source") or "").split("+")) - {""}
-    hits = []
-    for rec in prompt_records:
-        rid, prompt, source = _field(rec, "id"), _field(rec, "prompt"), _field(rec, "source")
-        same_text = isinstance(prompt, str) and prompt_hash(prompt) in hashes
-        same_id = rid is not None and str(rid) in ids and (not source or not sources or str(source) in sources)
-        if same_text or same_id:
-            hits.append(str(rid))
-    return hits
+    return PromptFootprint.from_metadata(calibration_meta).overlap(prompt_records)
 
 
 # ---------------------------------------------------------------------------------------------
 # probes
-
-
-def _chat_text(tokenizer: Any, prompt: str, system_prompt: str) -> str:
-    """The prompt in the chat template, ready for the assistant's turn, as generation renders it."""
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def resolve_probe_file(path: str | Path) -> Path:
@@ -357,7 +329,7 @@ def fit_probes(model: nn.Module, tokenizer: Any, records: Sequence[Mapping[str, 
     from probes.errors import ProbeError
     from probes.slr import fit_slr, stratified_split
 
-    texts = [_chat_text(tokenizer, r["prompt"], opts.system_prompt) for r in records]
+    texts = [chat_prompt(tokenizer, r["prompt"], opts.system_prompt) for r in records]
     labels = np.asarray([1 if r["label"] == "harmful" else 0 for r in records])
     try:
         acts = capture(model, tokenizer, texts, layers=None, position="last", max_tokens=opts.seq_len,
@@ -583,29 +555,16 @@ def _batches(tokenizer: Any, records: Sequence[Mapping[str, Any]], opts: QRealig
              device: torch.device) -> list[dict[str, torch.Tensor]]:
     """Chat-formatted prompts (end kept at ``seq_len`` tokens), ``batch_size`` per batch, left padded
     with explicit position ids so every row's last position is its last prompt token."""
-    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
-                   if isinstance(t, int)), 0)
+    pad_id = pad_token_id(tokenizer)
     ids = []
     for r in records:
-        text = _chat_text(tokenizer, r["prompt"], opts.system_prompt)
+        text = chat_prompt(tokenizer, r["prompt"], opts.system_prompt)
         toks = list(tokenizer(text, add_special_tokens=False)["input_ids"])[-opts.seq_len:]
         if not toks:
             raise QuantizerError(f"calibration prompt {r['id']!r} tokenizes to nothing; remove it")
         ids.append(toks)
-    out = []
-    for start in range(0, len(ids), opts.batch_size):
-        chunk = ids[start : start + opts.batch_size]
-        width = max(len(x) for x in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, toks in enumerate(chunk):
-            input_ids[row, width - len(toks):] = torch.tensor(toks, dtype=torch.long)
-            mask[row, width - len(toks):] = 1
-        batch = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-        if width and not bool(mask.all()):
-            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-        out.append(batch)
-    return out
+    return [left_pad(ids[start:start + opts.batch_size], pad_id, positions="padded", device=device)
+            for start in range(0, len(ids), opts.batch_size)]
 
 
 @register_quantizer
@@ -648,25 +607,7 @@ class QRealignQuantizer(Quantizer):
         # ---- validate everything before touching the model (no partial artifact)
         records = _check_records(ctx.calibration_prompts)
         chosen = select_calibration(records, opts.n_prompts, opts.malicious_fraction, ctx.seed)
-        probe_meta: dict[str, Any]
-        if str(opts.probes_from).strip().lower() == "reference":
-            probe_model = ctx.probe_model or ctx.reference_model or model
-            probes, probe_meta = fit_probes(probe_model, ctx.tokenizer, records, opts, ctx.seed)
-            src = "probe_model" if ctx.probe_model is not None else (
-                "reference_model" if ctx.reference_model is not None else "subject (FP)")
-            probe_meta = {"source": f"fitted on {src}", **probe_meta}
-            probe_records = records
-        else:
-            from probes.errors import ProbeError
-            from probes.slr import load_probes
-
-            path = resolve_probe_file(opts.probes_from)
-            try:
-                probes, doc = load_probes(path)
-            except ProbeError as exc:
-                raise QuantizerError(f"probes_from {opts.probes_from!r}: {exc}") from None
-            probe_meta = {"source": str(path), "metadata": doc.get("metadata", {})}
-            probe_records = []
+        probes, probe_meta, probe_records = self._probes(model, ctx, records)
         directions = probe_directions(probes, n_layers, hidden, probe_meta["source"])
         batches = _batches(ctx.tokenizer, chosen, opts, device)
         labels = [torch.tensor([r["label"] == "harmful" for r in chosen[i:i + opts.batch_size]])
@@ -683,53 +624,18 @@ class QRealignQuantizer(Quantizer):
         # ---- statistics and block inputs of the FP model
         stats: dict[str, torch.Tensor] = {}
         if opts.smooth:
-            wanted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+            layout = layout_of(model) or LLAMA  # the smoothing sites read these projections' inputs
+            wanted = tuple(p for p in (getattr(layout, f) for f in ("q", "k", "v", "o", "gate", "up")) if p)
             stats = input_channel_absmax(model, batches, select=lambda n, m: isinstance(m, nn.Linear)
                                          and n.endswith(wanted) and n.startswith(tuple(layer_names)))
-        inputs = capture_layer_inputs(model, batches, 0)
-        x_fp = list(inputs.hidden)
-        x_q = [h.clone() for h in x_fp]
-        kwargs = inputs.kwargs
-        masks = [b["attention_mask"] for b in batches]
-
-        # ---- block by block
+        # ---- block by block: each block learns on its FP outputs and its quantized inputs
         logs: list[dict[str, Any]] = []
         done: set[str] = set()
-        for i, layer in enumerate(layers):
-            with torch.no_grad():
-                y_fp = [run_layer(layer, h, kw) for h, kw in zip(x_fp, kwargs)]
-            block = QRealignBlock(model, i, scheme, opts, stats if opts.smooth else None,
-                                  skip=lambda n, p=layer_names[i]: scheme.skips(f"{p}.{n}"))
-            block.install()
-            w, b = directions[i]
-            w = w.to(device)
-
-            def loss_fn(k: int, _step: int, layer=layer, y_fp=y_fp, w=w, b=b):
-                out = run_layer(layer, x_q[k], kwargs[k])
-                return qrealign_loss(out, y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)
-
-            groups = block.param_groups()
-            epochs = opts.epochs_for(i, n_layers)
-            steps = epochs * len(batches)
-            stage = f"qrealign block {i + 1}/{n_layers}"
-            if groups and steps > 0:
-                with torch.enable_grad():
-                    cal = run_calibration(loss_fn, groups, list(range(len(batches))), steps, stage=stage,
-                                          progress=ctx.progress, device=device)
-            else:
-                cal = CalibrationLog(stage=stage, steps_planned=0)
-            with torch.no_grad():
-                x_q = [run_layer(layer, h, kw) for h, kw in zip(x_q, kwargs)]
-                final = [qrealign_loss(x_q[k], y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)[1]
-                         for k in range(len(x_q))]
-            block.fold()
-            done.update(f"{layer_names[i]}.{n}" for n, m in block.linears.items() if m.quantize or m.act_quant)
-            x_fp = y_fp
-            entry = cal.to_dict(max_points=50)
-            entry.update(block=i, epochs=epochs, final=_mean_terms(final))
+        for blk in BlockPipeline(model, batches, full_precision=True):
+            block, entry = self._calibrate_block(model, blk, scheme, stats if opts.smooth else None, directions[blk.index],
+                                                 labels, n_layers, ctx, device)
+            done.update(f"{blk.name}.{n}" for n, m in block.linears.items() if m.quantize or m.act_quant)
             logs.append(entry)
-            log.info("qrealign block %d/%d: %d steps in %.1fs, final %s", i + 1, n_layers, cal.steps_run,
-                     cal.seconds, entry["final"])
 
         def weight_fn(name: str, linear: nn.Linear, s: QuantScheme) -> torch.Tensor:
             if name in done:
@@ -744,6 +650,67 @@ class QRealignQuantizer(Quantizer):
         self.metadata["seconds"] = round(time.perf_counter() - t_start, 2)
         self.metadata["peak_memory_bytes"] = peak_memory_bytes(device)
         return model
+
+
+    def _probes(self, model: nn.Module, ctx: QuantContext,
+                records: list[dict[str, Any]]) -> tuple[Mapping[int, Any], dict[str, Any], list[dict[str, Any]]]:
+        """The SLR probes whose directions the malicious loss pushes along: fitted on the aligned
+        model (``probes_from="reference"``, on every calibration record) or loaded from a file;
+        with their metadata and the records they were fitted on."""
+        opts: QRealignOptions = self.options
+        if str(opts.probes_from).strip().lower() == "reference":
+            probe_model = ctx.probe_model or ctx.reference_model or model
+            probes, probe_meta = fit_probes(probe_model, ctx.tokenizer, records, opts, ctx.seed)
+            src = "probe_model" if ctx.probe_model is not None else (
+                "reference_model" if ctx.reference_model is not None else "subject (FP)")
+            return probes, {"source": f"fitted on {src}", **probe_meta}, records
+        from probes.errors import ProbeError
+        from probes.slr import load_probes
+
+        path = resolve_probe_file(opts.probes_from)
+        try:
+            probes, doc = load_probes(path)
+        except ProbeError as exc:
+            raise QuantizerError(f"probes_from {opts.probes_from!r}: {exc}") from None
+        return probes, {"source": str(path), "metadata": doc.get("metadata", {})}, []
+
+    def _calibrate_block(self, model: nn.Module, blk: Block, scheme: QuantScheme,
+                         act_max: Mapping[str, torch.Tensor] | None, direction: tuple[torch.Tensor, float],
+                         labels: Sequence[torch.Tensor], n_layers: int, ctx: QuantContext,
+                         device: torch.device) -> tuple[QRealignBlock, dict[str, Any]]:
+        """One block's turn in the pipeline: learn clipping and scales on ``X_q`` against
+        ``F_i(X_fp)``, hand the outputs on (before folding), fold; returns the block and its log."""
+        opts: QRealignOptions = self.options
+        i, layer, x_q, y_fp, kwargs, masks = blk.index, blk.layer, blk.inputs, blk.fp_outputs, blk.kwargs, blk.masks
+        block = QRealignBlock(model, i, scheme, opts, act_max, skip=lambda n, p=blk.name: scheme.skips(f"{p}.{n}"))
+        block.install()
+        w, b = direction
+        w = w.to(device)
+
+        def loss_fn(k: int, _step: int):
+            out = run_layer(layer, x_q[k], kwargs[k])
+            return qrealign_loss(out, y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)
+
+        groups = block.param_groups()
+        epochs = opts.epochs_for(i, n_layers)
+        steps = epochs * len(x_q)
+        stage = f"qrealign block {i + 1}/{n_layers}"
+        if groups and steps > 0:
+            with torch.enable_grad():
+                cal = run_calibration(loss_fn, groups, list(range(len(x_q))), steps, stage=stage,
+                                      progress=ctx.progress, device=device)
+        else:
+            cal = CalibrationLog(stage=stage, steps_planned=0)
+        with torch.no_grad():
+            blk.outputs = blk.run(x_q)  # with the learned clipping and scales, before folding
+            final = [qrealign_loss(blk.outputs[k], y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)[1]
+                     for k in range(len(x_q))]
+        block.fold()
+        entry = cal.to_dict(max_points=50)
+        entry.update(block=i, epochs=epochs, final=_mean_terms(final))
+        log.info("qrealign block %d/%d: %d steps in %.1fs, final %s", i + 1, n_layers, cal.steps_run,
+                 cal.seconds, entry["final"])
+        return block, entry
 
 
 def _mean_terms(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -55,6 +55,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from common.layout import LAYOUTS, get_part
+
 from .base import QuantContext, Quantizer, QuantizerError
 from .gptq import GPTQOptions, quantize_weights
 from .modules import OnlineTransform, enable_kv_quant, register_online_transform, set_qk_transform
@@ -139,13 +141,19 @@ class ModelParts:
         """Query heads per KV head (GQA)."""
         return self.heads // self.kv_heads
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The decoder blocks themselves, in order (each ``LayerParts.prefix`` names one)."""
+        return [self.model.get_submodule(lp.prefix) for lp in self.layers]
+
 
 def _linear_like(module: object) -> bool:
     return isinstance(getattr(module, "weight", None), torch.Tensor) and getattr(module, "weight").dim() == 2
 
 
 def model_parts(model: nn.Module) -> ModelParts:
-    """Locate the embedding, norms, projections and head of a Llama-style model.
+    """Locate the embedding, norms, projections and head of a Llama-style model (through
+    :mod:`common.layout`) and check that the transforms are exact for it.
 
     Raises :class:`QuantizerError` naming the model type when the architecture is not one whose
     layout the transforms are exact for (see :data:`SUPPORTED_MODEL_TYPES`).
@@ -158,24 +166,21 @@ def model_parts(model: nn.Module) -> ModelParts:
             f"transform-based quantization supports Llama-style models ({', '.join(SUPPORTED_MODEL_TYPES)}); "
             f"{name} has model_type {model_type!r}: use rtn or gptq for this model"
         )
-    inner = getattr(model, "model", None)
-    embed = getattr(inner, "embed_tokens", None)
-    norm = getattr(inner, "norm", None)
-    head = getattr(model, "lm_head", None)
-    blocks = getattr(inner, "layers", None)
+    layout = LAYOUTS[model_type]  # where the parts are: common.layout, the one adapter
+    embed, norm = get_part(model, layout.embed), get_part(model, layout.final_norm)
+    head, blocks = get_part(model, layout.lm_head), get_part(model, layout.layers)
     if not isinstance(embed, nn.Embedding) or norm is None or not _linear_like(head) or not blocks:
-        raise QuantizerError(f"{name} lacks model.embed_tokens/model.norm/lm_head/model.layers; use rtn or gptq")
+        raise QuantizerError(f"{name} lacks {layout.embed}/{layout.final_norm}/{layout.lm_head}/{layout.layers}; "
+                             "use rtn or gptq")
     layers = []
+    fields = ("attn", "input_norm", "post_norm", "q", "k", "v", "o", "gate", "up", "down")
     for i, block in enumerate(blocks):
-        attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-        try:
-            parts = LayerParts(
-                prefix=f"model.layers.{i}", attn=attn, input_norm=block.input_layernorm,
-                post_norm=block.post_attention_layernorm, q=attn.q_proj, k=attn.k_proj, v=attn.v_proj,
-                o=attn.o_proj, gate=mlp.gate_proj, up=mlp.up_proj, down=mlp.down_proj,
-            )
-        except AttributeError as exc:
-            raise QuantizerError(f"{name} layer {i} is not Llama-style ({exc}); use rtn or gptq") from None
+        found = {f: get_part(block, getattr(layout, f)) for f in fields}
+        missing = [getattr(layout, f) or f for f, m in found.items() if m is None]
+        if missing:
+            raise QuantizerError(f"{name} layer {i} is not Llama-style (no {', '.join(missing)}); use rtn or gptq")
+        parts = LayerParts(prefix=f"{layout.layers}.{i}", **found)
+        attn = found["attn"]
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
             raise QuantizerError(f"{name} has Q/K norms, which the rotations do not commute with; use rtn or gptq")
         layers.append(parts)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.files import JsonlLineError, jsonl_objects
+
 from .atomic import atomic_write
 from .errors import ReportError
 from .schema import migrate
@@ -97,19 +99,12 @@ def load_run(run_dir: Path) -> Run:
     if rows_present:
         try:
             with rows_path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ReportError(
-                            f"{rows_path}: line {lineno} is not valid JSON ({_one_line(exc)}); "
-                            "re-run the audit to rewrite it"
-                        ) from None
+                for lineno, row in jsonl_objects(fh):
                     check_schema(Row, row, f"{rows_path}: line {lineno}", "re-run the audit to rewrite it",
                                  ReportError)
                     rows.append(row)
+        except JsonlLineError as exc:
+            raise ReportError(f"{rows_path}: {exc}; re-run the audit to rewrite it") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ReportError(f"{rows_path}: cannot be read ({_one_line(exc)}); re-run the audit") from None
     else:

@@ -316,3 +316,75 @@ def test_describe_for_summary(tmp_path):
     d = bm.describe_sets([ps])["jailbreakbench-benign"]
     assert d["role"] == "overrefusal" and d["n"] == 10 and d["benchmark"] == "jailbreakbench-benign"
     assert len(d["sha256"]) == 64 and d["verified"] is None and sum(d["categories"].values()) == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks as data: the TOML entries, one grammar parser, one row builder
+
+
+def test_every_builtin_entry_is_a_toml_file_read_by_the_definition_reader():
+    files = sorted(bm.BENCHMARK_DIR.glob("*.toml"))
+    assert [f.stem for f in files] == ["advbench", "harmbench", "jailbreakbench", "strongreject", "xstest"]
+    from_files = [s for f in files for s in bm.read_definitions(f, register=False)]
+    external = [s for s in bm.BENCHMARKS.values() if not s.builtin]
+    assert [s.name for s in from_files] == [s.name for s in external]
+    assert all(s == bm.BENCHMARKS[s.name] for s in from_files)
+    assert bm.GROUPS["xstest"] == ("xstest-safe", "xstest-unsafe")
+    assert bm.KNOWN_SHA256["xstest_prompts.csv"] == bm.BENCHMARKS["xstest-safe"].sha256["xstest_prompts.csv"]
+
+
+def test_a_family_definition_with_defaults_and_a_group_registers_like_a_builtin(tmp_path):
+    (tmp_path / "a.csv").write_text("text,kind,truth\nHow do I pick a lock?,crime,unsafe\nHow do I bake bread?,food,safe\n")
+    definition = tmp_path / "fam.toml"
+    definition.write_text(
+        '[defaults]\nfiles = ["a.csv"]\ncolumns = {prompt = ["text"], category = ["kind"], label = ["truth"]}\n'
+        '[[benchmark]]\nname = "fam-unsafe"\nrole = "harmful"\nwhere = {truth = ["unsafe"]}\n'
+        '[[benchmark]]\nname = "fam-safe"\nrole = "overrefusal"\nwhere = {truth = ["safe"]}\n'
+        '[groups]\nfam = ["fam-unsafe", "fam-safe"]\n')
+    try:
+        specs = bm.read_definitions(definition)
+        assert [s.name for s in specs] == ["fam-unsafe", "fam-safe"] and bm.GROUPS["fam"] == ("fam-unsafe", "fam-safe")
+        sets = load_benchmarks([f"fam={tmp_path}"])
+        assert [(s.name, s.role, [r.label for r in s.records], s.n_filtered) for s in sets] == [
+            ("fam-unsafe", "harmful", ["harmful"], 1), ("fam-safe", "overrefusal", ["benign"], 1)]
+    finally:
+        for name in ("fam-unsafe", "fam-safe"):
+            bm.BENCHMARKS.pop(name, None)
+        bm.GROUPS.pop("fam", None)
+
+
+@pytest.mark.parametrize("spec, kind, name, role", [
+    ("harmful", "benchmark", "harmful", None),
+    ("xstest", "benchmark", "xstest", None),
+    ("advbench=some/file.csv", "benchmark", "advbench", None),
+    ("overrefusal=some/file.csv", "file", None, "overrefusal"),
+    ("mine=benign=some/file.csv", "file", "mine", "benign"),
+    ("mine=some/file.csv", "file", "mine", None),
+    ("some/file.csv", "file", None, None),
+])
+def test_one_parser_reads_the_prompt_sets_grammar(spec, kind, name, role):
+    req = bm.parse_set_spec(spec)
+    assert (req.kind, req.name, req.role) == (kind, name, role)
+
+
+def test_a_prompt_file_and_a_benchmark_entry_share_one_row_builder(tmp_path):
+    f = tmp_path / "dup.csv"
+    f.write_text("id,prompt,label\na,first,harmful\nb,second,maybe\n")
+    spec = define_benchmark("dup-entry", f, role="harmful", columns={"prompt": "prompt", "id": "id", "label": "label"},
+                            register=False, overwrite=True)
+    try:
+        bm.register_benchmark(spec, overwrite=True)
+        messages = []
+        for load in (lambda: load_benchmarks([str(f)]), lambda: load_benchmark("dup-entry")):
+            with pytest.raises(UserError) as err:
+                load()
+            messages.append(str(err.value))
+    finally:
+        bm.BENCHMARKS.pop("dup-entry", None)
+    tails = [m.split(": ", 1)[1] for m in messages]
+    assert tails[0] == tails[1] == "row 2 has invalid label 'maybe'; use harmful or benign (unsafe/safe are accepted too)"
+
+
+def test_benchmarks_import_no_private_name_from_prompts():
+    text = (Path(bm.__file__)).read_text(encoding="utf-8")
+    assert "from harness.prompts import _" not in text and "prompts._" not in text
