@@ -2,7 +2,9 @@
 imported): the packages form layers, and a lower one never imports a higher one, even lazily inside
 a function. reports reads files only; probes and quantizers never reach into the harness.
 
-    harness  ->  quantizers  ->  probes  ->  reports
+    harness  ->  quantizers  ->  probes  ->  reports  ->  common
+
+``common`` (the shared rules) imports none of the others; reports may use its torch-free modules only.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Package -> the top-level modules it must never import (lazy imports inside functions count).
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "reports": frozenset({"harness", "quantizers", "probes", "torch", "transformers", "sklearn"}),
+    "reports": frozenset({"harness", "quantizers", "probes", "torch", "transformers", "sklearn",
+                          "common.batching", "common.layout"}),
     "probes": frozenset({"harness", "quantizers"}),
     "quantizers": frozenset({"harness"}),
+    "common": frozenset({"harness", "quantizers", "probes", "reports"}),
 }
 
 
@@ -43,7 +47,7 @@ def violations(package: str, source: str, module: str) -> list[str]:
     """``module imports name`` for each import of ``source`` its package forbids."""
     banned = FORBIDDEN.get(package, frozenset())
     return sorted(f"{module} imports {name}" for name in imported_modules(source, module)
-                  if name.split(".")[0] in banned)
+                  if name.split(".")[0] in banned or any(name == b or name.startswith(b + ".") for b in banned))
 
 
 def _modules(package: str) -> list[tuple[str, Path]]:
