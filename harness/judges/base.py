@@ -83,7 +83,7 @@ class Judge:
     :meth:`judge`. Callers use :meth:`judge_many`, which also keeps the label ``counts``.
     """
 
-    name: ClassVar[str] = "judge"
+    name: str = "judge"  # an instance may rename itself (a classifier's name= option)
     axis: str = "refusal"  # or "harm"; a classifier learns it from its model's labels
     canonical: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
