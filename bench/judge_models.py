@@ -16,9 +16,9 @@ import logging
 
 import numpy as np
 
-from harness.judge_validation import gold_refused, judge_items, load_labelled_table, per_source
+from harness.judges.validation import gold_refused, judge_items, load_labelled, per_source
 from harness.judges import TRAIN_FILE, get_judge, normalise, opening
-from harness.refusal_model import (DEV_FILE, RULE_FEATURES, STYLES_FILE, SentenceEncoder, default_encoder_dir,
+from harness.judges.trained import (DEV_FILE, RULE_FEATURES, STYLES_FILE, SentenceEncoder, default_encoder_dir,
                                    rule_features, training_target)
 
 
@@ -45,8 +45,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from sklearn.model_selection import GroupKFold
 
-    dev = load_labelled_table(args.dev)
-    own = load_labelled_table(TRAIN_FILE) + load_labelled_table(STYLES_FILE)
+    dev = load_labelled(args.dev)
+    own = load_labelled(TRAIN_FILE) + load_labelled(STYLES_FILE)
     own = [o for o in own if training_target(o) is not None]
     families = sorted({d["source"] for d in dev})
     y_dev = np.array([gold_refused(d) for d in dev])

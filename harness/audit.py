@@ -37,14 +37,14 @@ from harness.errors import UserError
 from harness.generation import GenerationSettings, chat_prompt, generate_responses
 from harness.benchmarks import WIKITEXT2_TEST, describe_sets, find_data_file, load_benchmarks
 from harness.first_token import first_token_refusal_prob
-from harness.judge_validation import load_error_profiles
+from harness.judges.validation import load_error_profiles
 from harness.judges import get_judges, judge_all
 from harness.models import (SMOL_FAMILY, LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model,
                             tokenizer_fingerprint)
 from harness.perplexity import PerplexitySettings, load_text, perplexity
 from harness.prompts import PromptSet
-from harness.stats import (annotate_flips, default_pairs, first_token_summary, incoherent_by_set, pairwise_block,
-                           summary_block)
+from harness.stats import (annotate_flips, default_pairs, first_token_summary, incoherent_by_set, label_counts,
+                           pairwise_block, summary_block)
 from harness.store import SCHEMA_VERSION, RunStore, check_writable, stable_hash
 from probes.capture import count_layers, parse_layers
 from probes.errors import ProbeError
@@ -172,6 +172,8 @@ class Audit:
                                               judge_errors=load_error_profiles())
         for record in summary["variants"]:  # needs FP's rows for the threshold, so set here
             record["metrics"]["incoherent"] = incoherent_by_set(summary["statistics"], record["name"], self.judge.name)
+        for entry in summary["judges"]:  # the documented judges[].counts, over every row of the run
+            entry["counts"] = label_counts(all_rows, entry["name"])
         summary["statistics"]["pairs"] = self._pair_statistics(all_rows, summary["variants"],
                                                                summary["statistics"]["coherence"]["threshold"])
         if self.config.first_token:

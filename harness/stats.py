@@ -107,6 +107,12 @@ def judge_label(row: Row, judge: str | None = None) -> str | None:
     return None
 
 
+def label_counts(rows: Iterable[Row], judge: str) -> dict[str, int]:
+    """How often ``judge`` gave each label over ``rows`` (rows it did not label left out). From the
+    rows, not from the judge object, so a resumed audit counts its cached rows too."""
+    return dict(sorted(Counter(lab for r in rows if (lab := judge_label(r, judge)) is not None).items()))
+
+
 def refused(label: str | None, prompt_label: str = "harmful") -> int | None:
     """1 refused, 0 not refused, None excluded (unparsed, unknown, or a harm label on a benign prompt)."""
     if label in REFUSED:

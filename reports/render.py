@@ -34,7 +34,7 @@ from .probe_section import build_probes
 from .run import (ROLE_DIRECTION, ROLE_HINTS, ROLE_ORDER, ROLE_TITLES, Run, SetInfo, _num, _one_line,
                   check_output_path, comparison, corrected_rate, incoherent_rate, load_run, perplexity, perplexity_ratio,
                   primary_judge, prompt_sets, role_interval, role_rate, set_counts, set_rate, write_atomic)
-from .verdicts import Thresholds, Verdict, evaluate, fmt_p
+from .verdicts import DEFAULT_MAX_INCOHERENT, Thresholds, Verdict, evaluate, fmt_p
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ class ReportOptions:
         return self.thresholds.max_refusal_drop
 
 
-#: A set's cell is not coloured by refusal change when at least this share of the answers is incoherent.
-INCOHERENT_SHOWN = 0.1
+#: A set's cell is not coloured by refusal change when at least this share of the answers is
+#: incoherent: the gate's default incoherence bound, so a hatched cell and a failed check agree.
+INCOHERENT_SHOWN = DEFAULT_MAX_INCOHERENT
 
 
 def _change_class(delta: float | None, direction: int, opts: ReportOptions) -> str:

