@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import harness
+from harness.artifacts import ARTIFACT_METHODS, check_artifact, load_artifact
 from harness.coherence import response_logprobs
 from harness.config import AuditConfig, VariantSpec
 from harness.errors import UserError
@@ -140,6 +141,9 @@ class Audit:
                     raise UserError(f"prompt {ps.name}/{r.id} is {n} tokens: with --max-new-tokens "
                                     f"{self.gen.max_new_tokens} it does not fit the model's {limit}-token context; "
                                     "shorten it, remove it from the set, or lower --max-new-tokens")
+        for spec in self.variants:
+            if spec.method in ARTIFACT_METHODS:
+                check_artifact(spec.artifact, spec.name, subject)
         depth = count_layers(subject.model)
         if self.config.probes and depth:
             try:
@@ -218,7 +222,9 @@ class Audit:
         seed_everything(self.config.seed)
         evaluation = self.evaluation
         device = next(subject.model.parameters()).device
-        if spec.artifact:
+        if spec.method in ARTIFACT_METHODS:  # a GGUF file or Hugging Face folder (harness/artifacts.py)
+            variant = load_artifact(spec.artifact, subject, device=self.config.device, dtype=self.config.dtype)
+        elif spec.artifact:
             variant, _ = load_saved_variant(spec.artifact, subject, device=device, dtype=next(subject.model.parameters()).dtype,
                                             evaluation=evaluation, calib=self.calib)
         else:
