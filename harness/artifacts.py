@@ -72,12 +72,21 @@ ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_at
 def artifact_format(path: str) -> str | None:
     """``gguf``, ``hf-quantized`` or ``hf`` when ``path`` is such an artifact, else None (a method
     name, or a folder saved by `safequant quantize`, which has its own loader)."""
+    return _resolve(path)[0]
+
+
+def _resolve(path: str) -> tuple[str | None, Path]:
+    """The format and the file or folder to read: a ``.gguf`` file, a folder holding exactly one
+    (what `safequant export --format gguf` writes), or a Hugging Face folder."""
     p = Path(path).expanduser()
     if p.suffix == ".gguf" and p.is_file():
-        return GGUF
-    if p.is_dir() and (p / "config.json").is_file() and not (p / "variant.json").is_file():
-        return HF_QUANTIZED if "quantization_config" in _read_config(p) else HF_FOLDER
-    return None
+        return GGUF, p
+    if not p.is_dir() or (p / "variant.json").is_file():
+        return None, p
+    if (p / "config.json").is_file():
+        return (HF_QUANTIZED if "quantization_config" in _read_config(p) else HF_FOLDER), p
+    ggufs = sorted(p.glob("*.gguf"))
+    return (GGUF, ggufs[0]) if len(ggufs) == 1 else (None, p)
 
 
 def _read_config(folder: Path) -> dict:
@@ -108,8 +117,7 @@ def _gguf_tensor_types(path: Path) -> dict[str, int]:
 
 def quantization_of(path: str) -> dict[str, Any]:
     """What the artifact says about its quantization: ``{"type", "scheme", "scheme_exact", ...}``."""
-    p = Path(path).expanduser()
-    fmt = artifact_format(path)
+    fmt, p = _resolve(path)
     if fmt == GGUF:
         types = _gguf_tensor_types(p)
         main = max(types, key=types.get) if types else "F32"
@@ -164,7 +172,7 @@ def parse_artifact_variant(name: str | None, path: str, text: str):
     except QuantizerError:
         scheme = QuantScheme.parse("fp")
     p = Path(path).expanduser()
-    name = check_variant_name(name or (p.stem if fmt == GGUF else p.resolve().name), text)
+    name = check_variant_name(name or (p.stem if p.is_file() else p.resolve().name), text)
     return VariantSpec(name, fmt, scheme, {}, artifact=str(p))
 
 
@@ -184,7 +192,7 @@ def check_library(method: str, path: str) -> None:
 
 def file_hashes(path: str) -> dict[str, str]:
     """SHA-256 of the artifact's files: the GGUF file, or a folder's config and weight files."""
-    p = Path(path).expanduser()
+    p = _resolve(path)[1]
     files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".json") and f.is_file())
     out = {}
     for f in files:
@@ -198,9 +206,9 @@ def file_hashes(path: str) -> dict[str, str]:
 
 def describe_artifact(path: str) -> dict[str, Any]:
     """Provenance for summary.json: format, quantization type (and nearest scheme), file hashes."""
-    p = Path(path).expanduser()
+    fmt, p = _resolve(path)
     hashes = file_hashes(path)
-    out = {"format": artifact_format(path), "path": str(p.resolve()), "quantization": quantization_of(path),
+    out = {"format": fmt, "path": str(p.resolve()), "quantization": quantization_of(path),
            "sha256": hashes[p.name] if p.is_file() else hashes}
     if p.is_file():
         out["bytes"] = p.stat().st_size
@@ -209,8 +217,8 @@ def describe_artifact(path: str) -> dict[str, Any]:
 
 def _artifact_config_and_vocab(path: str) -> tuple[dict, dict[int, str]]:
     """The artifact's config (transformers' field names) and its id -> token map, without weights."""
-    p = Path(path).expanduser()
-    if artifact_format(path) == GGUF:
+    fmt, p = _resolve(path)
+    if fmt == GGUF:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         try:
@@ -256,8 +264,7 @@ def load_artifact(path: str, parent, *, device: str = "cpu", dtype: str = "auto"
     from harness.models import ModelSource, load_model
     from harness.quantize import QuantizedVariant
 
-    p = Path(path).expanduser()
-    fmt = artifact_format(path)
+    fmt, p = _resolve(path)
     source = (ModelSource(path, "gguf", str(p.resolve().parent), p.name) if fmt == GGUF
               else ModelSource(path, "folder", str(p.resolve())))
     started = time.perf_counter()

@@ -3,4 +3,4 @@
 To add a command, write a module here with a `register` function and list it in `COMMANDS`.
 """
 
-COMMANDS = ("audit", "quantize", "list", "report", "compare", "gate", "probe", "judges", "benchmarks")
+COMMANDS = ("audit", "quantize", "list", "report", "compare", "gate", "probe", "judges", "benchmarks", "export")
