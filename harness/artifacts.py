@@ -274,6 +274,7 @@ def load_artifact(path: str, parent, *, device: str = "cpu", dtype: str = "auto"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"variant {path!r} does not load here ({first}); formats that need a GPU: "
                         f"{', '.join(GPU_ONLY)}") from None
+    _decompress(loaded.model)
     seconds = time.perf_counter() - started
     provenance = describe_artifact(path)
     info = provenance["quantization"]
@@ -284,3 +285,12 @@ def load_artifact(path: str, parent, *, device: str = "cpu", dtype: str = "auto"
     log.info("variant %s: %s artifact, %s, sha256 %s", p.name, fmt, info["type"],
              provenance["sha256"] if isinstance(provenance["sha256"], str) else "per file")
     return QuantizedVariant(loaded.model, 0.0, record)
+
+
+def _decompress(model) -> None:
+    """A compressed-tensors model loads packed and decompresses on its first forward pass (a hook
+    of the library); do it now, with the library's own decompression, so the weights the audit
+    fingerprints and probes are the ones generation uses."""
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is not None and hasattr(compressor, "decompress_model"):
+        compressor.decompress_model(model)

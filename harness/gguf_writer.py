@@ -24,15 +24,14 @@ import torch
 from torch import nn
 
 from harness.errors import UserError
+from harness.grid import grid_scales, signed_range
 
 log = logging.getLogger(__name__)
 
 #: GGUF block size of Q4_0 and Q8_0: 32 consecutive input weights share one float16 scale.
 BLOCK = 32
-#: Target GGUF type -> the signed integer range its blocks hold (value = d * q).
-GRID_RANGE = {"Q4_0": (-8, 7), "Q8_0": (-128, 127)}
-#: Integer points whose distance from the nearest integer marks a weight as off the grid.
-GRID_TOLERANCE = 1e-3
+#: Target GGUF type -> the bits of the signed integers its blocks hold (value = d * q).
+TYPE_BITS = {"Q4_0": 4, "Q8_0": 8}
 
 
 @dataclass
@@ -57,36 +56,6 @@ def encode_reference(weight: np.ndarray, type_name: str) -> EncodedTensor:
     return EncodedTensor(quantize(np.ascontiguousarray(weight, dtype=np.float32), qtype), type_name)
 
 
-def grid_scales(weight: np.ndarray, group: int, max_level: int, type_name: str) -> np.ndarray:
-    """The per-group scale ``s`` with every weight equal to ``s * q`` for an integer ``q`` in the
-    range of ``type_name``; ``group`` is the scheme's group size (the whole row when per channel).
-
-    The scale is not stored in a saved variant, only the fake-quantized weights: it is recovered
-    as ``absmax / k`` for the largest ``k <= max_level`` that puts every weight of the group on an
-    integer inside the type's range. Raises ValueError when a group lies on no such grid.
-    """
-    lo, hi = GRID_RANGE[type_name]
-    rows, cols = weight.shape
-    groups = weight.reshape(rows, cols // group, group).astype(np.float64)
-    absmax = np.abs(groups).max(axis=-1, keepdims=True)
-    scales = np.zeros_like(absmax)
-    todo = absmax[..., 0] > 0
-    for k in range(max_level, 0, -1):
-        if not todo.any():
-            break
-        s = absmax[todo] / k
-        ratio = groups[todo] / s
-        rounded = np.rint(ratio)
-        ok = (np.abs(ratio - rounded).max(axis=-1) < GRID_TOLERANCE) & (rounded.min(axis=-1) >= lo) & (rounded.max(axis=-1) <= hi)
-        found = np.flatnonzero(todo)[ok]
-        scales.reshape(-1, 1)[found] = s[ok]
-        todo.reshape(-1)[found] = False
-    if todo.any():
-        raise ValueError(f"{int(todo.sum())} groups of {group} weights lie on no symmetric grid of at most "
-                         f"{max_level} levels per sign")
-    return np.repeat(scales, group // BLOCK, axis=-1).reshape(rows, cols // BLOCK)
-
-
 def encode_exact(weight: np.ndarray, bits: int, group: int | None) -> tuple[EncodedTensor, float]:
     """Pack weights that lie on a symmetric ``bits``-bit grid into Q4_0 (bits <= 4) or Q8_0 blocks
     holding the same values; returns the tensor and the largest relative error the float16 block
@@ -96,13 +65,12 @@ def encode_exact(weight: np.ndarray, bits: int, group: int | None) -> tuple[Enco
     group = cols if group is None else group
     if cols % BLOCK or group % BLOCK:
         raise ValueError(f"{cols} input columns in groups of {group} do not fill GGUF's {BLOCK}-weight blocks")
-    scales = grid_scales(weight, group, 2 ** (bits - 1), type_name)  # (rows, cols/32), float64
+    scales = np.repeat(grid_scales(weight, group, TYPE_BITS[type_name]), group // BLOCK, axis=-1)  # per block
     blocks = weight.astype(np.float64).reshape(rows, cols // BLOCK, BLOCK)
     d16 = scales.astype(np.float16)
     safe = np.where(scales == 0, 1.0, scales)[..., None]
     q = np.rint(blocks / safe).astype(np.int16)
-    lo, hi = GRID_RANGE[type_name]
-    q = np.clip(q, lo, hi)
+    q = np.clip(q, *signed_range(TYPE_BITS[type_name]))
     restored = d16.astype(np.float64)[..., None] * q
     row_max = np.abs(weight).max(axis=1).astype(np.float64)
     error = float((np.abs(restored - blocks).reshape(rows, -1).max(axis=1) / np.where(row_max == 0, 1, row_max)).max())

@@ -5,7 +5,7 @@
   simulation computed, for weight-only schemes.
 * ``gguf``: one llama-architecture GGUF file whose weights are the variant's integer grid packed
   into Q4_0 (at most 4 bits) or Q8_0 (5 to 8 bits) blocks of 32, the per-group scale recovered
-  from the weights (:func:`harness.gguf_writer.grid_scales`); exact up to the float16 block scale
+  from the weights (:func:`harness.grid.grid_scales`); exact up to the float16 block scale
   GGUF stores (the largest relative error is measured and recorded). Norms and unquantized
   layers stay float32.
 
@@ -31,7 +31,7 @@ from harness.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "compressed-tensors")
 EXPORT_FILE = "safequant_export.json"
 GGUF_FILE = "model.gguf"
 
@@ -41,6 +41,10 @@ def representable(info: dict[str, Any], fmt: str) -> str | None:
     structure = info["structure"]
     linears = structure["quant_linears"]
     acts = sorted(n for n, s in linears.items() if s["a_bits"] < 16)
+    if acts and fmt == "compressed-tensors":
+        return (f"it quantizes activations (a{linears[acts[0]]['a_bits']} on {acts[0]} and {len(acts) - 1} more) "
+                "with scale absmax / (2^(b-1) - 1), and compressed-tensors' dynamic activation scale is "
+                "absmax / (2^b - 1) * 2: the runtime would round activations differently from the audited simulation")
     if acts:
         return (f"it quantizes activations (a{linears[acts[0]]['a_bits']} on {acts[0]} and {len(acts) - 1} more), "
                 f"which a {fmt} export does not carry: only weight-only schemes export there")
@@ -54,11 +58,17 @@ def representable(info: dict[str, Any], fmt: str) -> str | None:
         return f"it quantizes the KV cache, which a {fmt} export does not carry"
     if any(a.get("qk_transform") for a in attention.values()):
         return f"it rotates queries and keys after RoPE at inference time, which no {fmt} runtime computes"
+    scheme = info.get("scheme_fields") or {}
+    group = scheme.get("w_group_size")
+    if fmt == "compressed-tensors":
+        if not scheme.get("w_symmetric", True):
+            return "its weights are asymmetric (wasym): the exact compressed-tensors export packs symmetric grids only"
+        uneven = sorted(n for n, s in linears.items() if s["w_bits"] < 16 and group and s["in_features"] % group)
+        if uneven:
+            return f"{uneven[0]} has {linears[uneven[0]]['in_features']} inputs, not whole groups of {group}"
     if fmt == "gguf":
-        scheme = info.get("scheme_fields") or {}
         if not scheme.get("w_symmetric", True):
             return "its weights are asymmetric (wasym): the exact GGUF export packs symmetric grids (Q4_0, Q8_0) only"
-        group = scheme.get("w_group_size")
         if group is not None and group % 32:
             return f"its weight groups of {group} do not fill GGUF's blocks of 32 weights"
         odd = sorted(n for n, s in linears.items() if s["w_bits"] < 16 and s["in_features"] % 32)
@@ -96,6 +106,10 @@ def export_variant(variant_dir: str, fmt: str, out: str, *, overwrite: bool = Fa
         from harness.gguf_writer import check_writable_architecture
 
         check_writable_architecture(model)
+    if fmt == "compressed-tensors":
+        from harness.artifacts import check_library
+
+        check_library("compressed-tensors", variant_dir)
     record = {"format": fmt, "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "variant": {"path": str(Path(variant_dir).resolve()), "method": info["method"], "scheme": info["scheme"],
                           "source_model": info["source_model"]}}
@@ -105,7 +119,8 @@ def export_variant(variant_dir: str, fmt: str, out: str, *, overwrite: bool = Fa
         from reports.atomic import file_mode, folder_mode
 
         os.chmod(tmp, folder_mode())
-        record.update(_write_hf(model, tokenizer, tmp) if fmt == "hf" else _write_gguf(model, tokenizer, info, tmp))
+        writer = {"hf": _write_hf, "gguf": _write_gguf, "compressed-tensors": _write_compressed_tensors}[fmt]
+        record.update(writer(model, tokenizer, info, tmp))
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         for file in tmp.iterdir():  # writers that go through mkstemp leave 0600
             os.chmod(file, file_mode())
@@ -146,7 +161,7 @@ def plain_linears(model):
     return model
 
 
-def _write_hf(model, tokenizer, folder: Path) -> dict[str, Any]:
+def _write_hf(model, tokenizer, info: dict[str, Any], folder: Path) -> dict[str, Any]:
     plain_linears(model).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return {"files": sorted(p.name for p in folder.iterdir()), "exact": True}
@@ -185,3 +200,48 @@ def _write_gguf(model, tokenizer, info: dict[str, Any], folder: Path) -> dict[st
         counts[name] = counts.get(name, 0) + 1
     return {"files": [GGUF_FILE], "tensor_types": counts, "exact": "up to the float16 block scale",
             "max_relative_error": max(errors.values(), default=0.0)}
+
+
+def _write_compressed_tensors(model, tokenizer, info: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A pack-quantized compressed-tensors folder (vLLM and transformers load it): the library's
+    own compressor packs the integers, with the scales recovered from the variant's grid, so it
+    stores exactly the variant's weights (float32 scales: no rounding at all)."""
+    import numpy as np
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+
+    from harness.grid import grid_scales
+
+    linears = {n: s for n, s in info["structure"]["quant_linears"].items() if s["w_bits"] < 16}
+    bits = {s["w_bits"] for s in linears.values()}
+    if len(bits) != 1:
+        raise UserError(f"the variant mixes weight widths {sorted(bits)}: the compressed-tensors export writes one "
+                        "width per model; export with --format hf")
+    (width,) = bits
+    group = (info.get("scheme_fields") or {}).get("w_group_size")
+    model = plain_linears(model)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in linears]
+    weights = QuantizationArgs(num_bits=width, type="int", symmetric=True,
+                               strategy="group" if group else "channel", group_size=group)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                                ignore=ignore, quantization_status="frozen")
+    apply_quantization_config(model, config, show_progress=False)
+    for name in linears:
+        module = model.get_submodule(name)
+        w = module.weight.detach().float().cpu().numpy()
+        try:
+            scales = grid_scales(w, group or w.shape[1], width)
+        except ValueError as exc:
+            raise UserError(f"{name}: {exc}, so it has no exact compressed-tensors form: export with --format hf") from None
+        with torch.no_grad():
+            module.weight_scale.copy_(torch.from_numpy(scales.astype(np.float32)).reshape(module.weight_scale.shape))
+            module.weight_zero_point.zero_()
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(str(folder))
+    tokenizer.save_pretrained(folder)
+    return {"files": sorted(p.name for p in folder.iterdir()), "exact": True, "quantization_format": "pack-quantized",
+            "weights": {"num_bits": width, "group_size": group, "symmetric": True}, "ignore": ignore}

@@ -1,7 +1,8 @@
 """`safequant export` (harness/variant_export.py): a saved variant written as a plain Hugging Face
-folder or a GGUF file, audited next to its simulation (same responses, same labels), and the
+folder, a GGUF file or a compressed-tensors folder, audited next to its simulation (same responses, same labels), and the
 variants a format cannot hold refused with the reason, exit 2, nothing written."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -12,6 +13,10 @@ from harness.audit import Audit
 from harness.cli import main
 from harness.store import read_jsonl
 from test_audit import small_config
+
+#: compressed-tensors is the optional `ship` extra (.ci/run installs it).
+HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
+needs_ct = pytest.mark.skipif(not HAS_CT, reason="compressed-tensors not installed: pip install -e '.[ship]'")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,7 @@ def saved_w4(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(saved_w4):
     out = {}
-    for fmt in ("hf", "gguf"):
+    for fmt in ("hf", "gguf") + (("compressed-tensors",) if HAS_CT else ()):
         out[fmt] = saved_w4.parent / f"shipped-{fmt}"
         assert main(["export", str(saved_w4), "--format", fmt, "--out", str(out[fmt])]) == 0
     return out
@@ -57,24 +62,43 @@ def test_gguf_export_packs_the_grid_into_q4_0(saved_w4, exports):
     assert np.abs(requantized - sim).max() > 10 * np.abs(shipped - sim).max()
 
 
+@needs_ct
+def test_compressed_tensors_export_loads_back_bit_for_bit(saved_w4, exports, toy_chat):
+    from harness.artifacts import load_artifact
+
+    config = json.loads((exports["compressed-tensors"] / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 32 and config["ignore"] == ["lm_head"]
+    packed = load_file(str(exports["compressed-tensors"] / "model.safetensors"))
+    assert packed["model.layers.0.mlp.up_proj.weight_packed"].dtype == np.int32  # 8 int4 values per int32
+    variant = load_artifact(str(exports["compressed-tensors"]), toy_chat, device="cpu")
+    sim = load_file(str(saved_w4 / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    assert np.array_equal(variant.model.model.layers[0].mlp.up_proj.weight.detach().numpy(), sim)
+    assert variant.record["provenance"]["quantization"]["type"] == "compressed-tensors"
+
+
 def test_exports_audit_like_the_simulation(saved_w4, exports, tmp_path):
     out = tmp_path / "run"
-    summary = Audit(small_config(out, variants=[f"sim={saved_w4}", f"hf={exports['hf']}", f"gguf={exports['gguf']}"],
-                                 pairs=["hf=sim", "gguf=sim"], probes=False, first_token=False)).run(command="test")
-    assert [v["method"] for v in summary["variants"]] == ["fp", "rtn", "hf", "gguf"]
+    shipped = {"hf": "hf", "gguf": "gguf", **({"ct": "compressed-tensors"} if HAS_CT else {})}
+    summary = Audit(small_config(out, variants=[f"sim={saved_w4}"] + [f"{n}={exports[f]}" for n, f in shipped.items()],
+                                 pairs=[f"{n}=sim" for n in shipped], probes=False, first_token=False)).run(command="test")
+    assert [v["method"] for v in summary["variants"]] == ["fp", "rtn", "hf", "gguf", "hf-quantized"][:2 + len(shipped)]
     rows = read_jsonl(out / "rows.jsonl")
-    by = {v: {(r["set"], r["id"]): r for r in rows if r["variant"] == v} for v in ("sim", "hf", "gguf")}
-    for shipped in ("hf", "gguf"):
-        same_label = sum(by[shipped][k]["verdict"] == by["sim"][k]["verdict"] for k in by["sim"]) / len(by["sim"])
+    by = {v: {(r["set"], r["id"]): r for r in rows if r["variant"] == v} for v in ("sim", *shipped)}
+    for name in shipped:
+        same_label = sum(by[name][k]["verdict"] == by["sim"][k]["verdict"] for k in by["sim"]) / len(by["sim"])
         assert same_label >= 0.98
-    assert all(by["hf"][k]["response"] == by["sim"][k]["response"] for k in by["sim"])  # bit-exact weights
+    for exact in {"hf", "ct"} & set(shipped):  # bit-exact weights: the very same responses
+        assert all(by[exact][k]["response"] == by["sim"][k]["response"] for k in by["sim"])
     pairs = [(p["a"], p["b"], p["origin"]) for p in summary["statistics"]["pairs"]]
-    assert ("hf", "sim", "user") in pairs and ("gguf", "sim", "user") in pairs
+    assert all((name, "sim", "user") in pairs for name in shipped)
 
 
 @pytest.mark.parametrize("scheme, fmt, message", [
     ("w4a4", "gguf", "it quantizes activations (a4 on"),
     ("w4a4", "hf", "which a hf export does not carry"),
+    pytest.param("w8a8", "compressed-tensors", "the runtime would round activations differently", marks=needs_ct),
+    pytest.param("w4a16g32-wasym", "compressed-tensors", "its weights are asymmetric", marks=needs_ct),
     ("w4a16kv4", "hf", "it quantizes the KV cache"),
     ("w4a16g32-wasym", "gguf", "its weights are asymmetric"),
     ("w4a16g48", "gguf", "weight groups of 48 do not fill GGUF's blocks of 32"),

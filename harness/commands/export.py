@@ -21,14 +21,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     from harness.variant_export import FORMATS
 
-    p = sub.add_parser("export", help="write a saved variant in a deployable format (hf, gguf)",
+    p = sub.add_parser("export", help="write a saved variant in a deployable format (hf, gguf, compressed-tensors)",
                        description="Write the variant folder saved by `safequant quantize` as a plain Hugging Face "
-                                   "folder (de-quantized weights) or a GGUF file (Q4_0/Q8_0 blocks holding the "
-                                   "variant's own grid). Variants a format cannot represent (activation or KV-cache "
+                                   "folder (de-quantized weights), a GGUF file (Q4_0/Q8_0 blocks holding the "
+                                   "variant's own grid) or a pack-quantized compressed-tensors folder. Variants a format cannot represent (activation or KV-cache "
                                    "quantization, online transforms; asymmetric weights in GGUF) are refused with "
                                    "the reason.")
     p.add_argument("variant_dir", metavar="VARIANT_DIR", help="folder written by `safequant quantize`")
-    p.add_argument("--format", required=True, choices=FORMATS, help="hf or gguf")
+    p.add_argument("--format", required=True, choices=FORMATS, help="hf (plain de-quantized folder), gguf (Q4_0/Q8_0) or compressed-tensors (pack-quantized)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=cmd_export)
