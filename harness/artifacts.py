@@ -53,7 +53,7 @@ QUANT_LIBRARIES = {
     "auto-round": ("auto_round", "auto-round"),
 }
 #: Formats that need a CUDA device in transformers (documented; the load fails with that reason).
-GPU_ONLY = ("bitsandbytes (4-bit)", "awq", "eetq", "fbgemm_fp8", "fp8", "vptq", "aqlm")
+GPU_ONLY = ("bitsandbytes (4-bit)", "awq", "hqq", "eetq", "fbgemm_fp8", "fp8", "vptq", "aqlm")
 
 #: GGUF type -> the nearest safequant scheme, and whether it is that scheme exactly (block scales
 #: in float16; K-quants quantize their per-block scales too, so they are only near).
@@ -145,6 +145,11 @@ def _scheme_from_config(method: str, config: dict) -> str | None:
         bits, group, sym, a_bits = config.get("bits"), config.get("group_size"), config.get("sym", True), 16
     elif method == "bitsandbytes":
         bits, group, sym, a_bits = (4 if config.get("load_in_4bit") else 8), None, True, 16
+    elif method == "torchao":
+        kind = json.dumps(config.get("quant_type"))
+        bits = next((b for b, names in ((8, ("Int8Weight", "int8_weight")), (4, ("Int4Weight", "int4_weight")))
+                     if any(n in kind for n in names)), None)
+        group, sym, a_bits = None, True, 8 if "Int8DynamicActivation" in kind else 16
     elif method == "hqq":
         bits, group, sym, a_bits = config.get("nbits") or (config.get("quant_config") or {}).get("nbits"), None, False, 16
     else:

@@ -121,3 +121,34 @@ def test_quantization_config_names_its_scheme(tmp_path):
     info = quantization_of(str(folder))
     assert (info["type"], info["scheme"], info["scheme_exact"]) == ("gptq", "w4a16g128-wasym", False)
     check_library("unknown-method", str(folder))  # transformers reports what it needs for the rest
+
+
+@pytest.mark.slow
+def test_torchao_int8_checkpoint_audits_as_a_variant(toy_chat, tmp_path):
+    """torchao's int8 weight-only tensors run on the CPU: quantize toy-chat with transformers'
+    TorchAoConfig, save it as safetensors, and load it back as a variant (torchao is not a
+    project dependency: skipped where it is not installed)."""
+    pytest.importorskip("torchao")
+    import shutil
+
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from harness.config import parse_variant
+    from harness.models import TOY_MODELS_DIR
+
+    folder = tmp_path / "toy-chat-int8-torchao"
+    model = AutoModelForCausalLM.from_pretrained(TOY_MODELS_DIR / "toy-chat", dtype=torch.float32, device_map="cpu",
+                                                 quantization_config=TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    model.save_pretrained(folder)
+    for file in (TOY_MODELS_DIR / "toy-chat").glob("tokenizer*"):
+        shutil.copy(file, folder)
+    spec = parse_variant(f"ao={folder}")
+    assert (spec.method, spec.scheme.label) == ("hf-quantized", "w8a16")
+    variant = load_artifact(str(folder), toy_chat, device="cpu")
+    weight = variant.model.model.layers[0].self_attn.q_proj.weight
+    assert type(weight).__name__ == "Int8Tensor"  # torchao computes with its own tensors
+    original = toy_chat.model.model.layers[0].self_attn.q_proj.weight
+    assert 0 < (weight.dequantize() - original).abs().max() < 0.01 * original.abs().max()
+    assert variant.record["provenance"]["quantization"]["type"] == "torchao"
