@@ -125,11 +125,22 @@ def quantization_of(path: str) -> dict[str, Any]:
         return {"type": main, "tensor_types": types, "scheme": scheme,
                 "scheme_exact": exact and len(types) == 1}
     if fmt == HF_FOLDER:
-        return {"type": "none", "scheme": "fp", "scheme_exact": True}
+        return {"type": "none", **_exported_scheme(p)}
     config = _read_config(p)["quantization_config"]
     method = str(config.get("quant_method", "?")) if isinstance(config, dict) else "?"
     scheme = _scheme_from_config(method, config) if isinstance(config, dict) else None
     return {"type": method, "config": config, "scheme": scheme or "fp", "scheme_exact": False}
+
+
+def _exported_scheme(folder: Path) -> dict[str, Any]:
+    """A plain folder holds full-precision tensors; one written by `safequant export --format hf`
+    holds a variant's de-quantized grid, and says which (its safequant_export.json)."""
+    try:
+        record = json.loads((folder / "safequant_export.json").read_text(encoding="utf-8"))
+        scheme = record["variant"]["scheme"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"scheme": "fp", "scheme_exact": True}
+    return {"scheme": scheme, "scheme_exact": True, "exported_from": record["variant"]}
 
 
 def _scheme_from_config(method: str, config: dict) -> str | None:

@@ -44,6 +44,9 @@ def test_hf_export_holds_the_simulated_weights_bit_for_bit(saved_w4, exports):
     assert "quantization_config" not in config  # a stock model folder: any runtime loads it
     record = json.loads((exports["hf"] / "safequant_export.json").read_text())
     assert record["variant"]["scheme"] == "w4a16g32" and record["exact"] is True
+    from harness.artifacts import quantization_of
+
+    assert quantization_of(str(exports["hf"]))["scheme"] == "w4a16g32"  # audited under the variant's scheme
 
 
 def test_gguf_export_packs_the_grid_into_q4_0(saved_w4, exports):
@@ -83,6 +86,7 @@ def test_exports_audit_like_the_simulation(saved_w4, exports, tmp_path):
     summary = Audit(small_config(out, variants=[f"sim={saved_w4}"] + [f"{n}={exports[f]}" for n, f in shipped.items()],
                                  pairs=[f"{n}=sim" for n in shipped], probes=False, first_token=False)).run(command="test")
     assert [v["method"] for v in summary["variants"]] == ["fp", "rtn", "hf", "gguf", "hf-quantized"][:2 + len(shipped)]
+    assert {v["scheme"] for v in summary["variants"][1:]} == {"w4a16g32"}
     rows = read_jsonl(out / "rows.jsonl")
     by = {v: {(r["set"], r["id"]): r for r in rows if r["variant"] == v} for v in ("sim", *shipped)}
     for name in shipped:
