@@ -2,7 +2,8 @@
 
 A variant is written `[NAME=]METHOD[:SCHEME][:OPTION=VALUE,...]`, for example `fp`,
 `rtn:w4a4`, `rtn:w4a4kv4-aclip0.9` or `strict=rtn:w4a16g128`, or `[NAME=]DIR` for a variant
-folder saved by `safequant quantize` (evaluated as saved, without re-calibrating). Everything is validated here,
+folder saved by `safequant quantize` (evaluated as saved, without re-calibrating), or `[NAME=]FILE.gguf` /
+`[NAME=]DIR` for a third-party artifact (harness/artifacts.py). Everything is validated here,
 before a model is loaded or a directory is made, so bad input costs nothing.
 """
 
@@ -118,6 +119,10 @@ def parse_variant(text: str) -> VariantSpec:
         check_variant_name(name, text)
     if is_variant_dir(original_rest.strip()):
         return _saved_variant(name, original_rest.strip(), text)
+    from harness.artifacts import artifact_format, parse_artifact_variant
+
+    if artifact_format(original_rest.strip()):  # a GGUF file or a Hugging Face folder (harness/artifacts.py)
+        return parse_artifact_variant(name, original_rest.strip(), text)
     parts = original_rest.split(":")
     method = parts[0].strip()
     if not method:

@@ -220,6 +220,8 @@ def fingerprint_model(model: torch.nn.Module, tokenizer=None) -> str:
 
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "dequantize"):
+            tensor = tensor.dequantize()  # a quantized tensor subclass (torchao): hash the values it computes with
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step].to(torch.float32).cpu().numpy().tobytes()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.prompts import PromptFootprint
+from harness.artifacts import ARTIFACT_METHODS, check_artifact, load_artifact
 from harness.calibration_data import (CHAT_PREFIX, CalibrationOptions, calibration_text, load_calibration,
                                       load_calibration_prompts)
 from harness.config import VariantSpec
@@ -152,7 +153,7 @@ class VariantMaker:
                 if not spec.artifact and Needs.of([spec]).prompts:
                     self._check_overlap(prompts, spec.method, self.calib.prompts)
         #: variant.json of each saved variant, by folder
-        self._saved = {s.artifact: self._check_saved(s) for s in specs if s.artifact}
+        self._saved = {s.artifact: self._check_saved(s) for s in specs if s.artifact and s.method not in ARTIFACT_METHODS}
         self.base_model = BaseReference(None, None)
         self.probe_model: nn.Module | None = None
 
@@ -166,6 +167,9 @@ class VariantMaker:
                             f"pass --calib-len {limit} or less")
         for path, info in self._saved.items():
             _check_source(path, info, subject)
+        for spec in self.specs:
+            if spec.method in ARTIFACT_METHODS:  # a GGUF file or Hugging Face folder (harness/artifacts.py)
+                check_artifact(spec.artifact, spec.name, subject)
 
     def prepare(self, subject: LoadedModel) -> None:
         """Load what the variants need besides the subject, once for all of them: the base model
@@ -178,6 +182,8 @@ class VariantMaker:
     def make(self, spec: VariantSpec, subject: LoadedModel) -> QuantizedVariant:
         """The variant ``spec`` of ``subject``: loaded from its folder, or a quantized copy of the
         subject (``fp`` is the subject itself), with its record."""
+        if spec.method in ARTIFACT_METHODS:
+            return load_artifact(spec.artifact, subject, device=self.settings.device, dtype=self.settings.dtype)
         if spec.artifact:
             return self._load_saved(spec.artifact, subject)
         return self._quantize(spec, subject)

@@ -527,7 +527,28 @@ def test_bad_judge_validation_file(capsys, tmp_path, case):
     assert_clean_error(capsys, ["judges", "--validate", "--file", str(path)], tmp_path, case[2])
 
 
+def _artifact(d: Path, name: str, content: str, config: bool = False) -> list[str]:
+    """An audit of a broken third-party artifact: a file ``name`` (or a folder's config.json)."""
+    target = d / "artifacts" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if config:
+        target.mkdir()
+        (target / "config.json").write_text(content)
+    else:
+        target.write_text(content)
+    return ["audit", "--variants", f"x={target}", "--out", str(d / "run")]
+
+
 OTHER_COMMANDS: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("artifact gguf not a gguf", lambda d: _artifact(d, "junk.gguf", "not a gguf"), "cannot be read"),
+    ("artifact config not json", lambda d: _artifact(d, "broken", "{", config=True), "config.json cannot be read"),
+    ("artifact config not an object", lambda d: _artifact(d, "list", "[1]", config=True), "not a JSON object"),
+    ("artifact library missing", lambda d: _artifact(d, "q", '{"quantization_config": {"quant_method": "eetq"}}',
+                                                     config=True), "pip install eetq"),
+    ("export missing variant", lambda d: ["export", str(d / "no"), "--format", "hf", "--out", str(d / "x")],
+     "not a saved variant"),
+    ("export a model folder", lambda d: ["export", str(REPO / "harness" / "toy_models" / "toy-chat"), "--format",
+                                         "gguf", "--out", str(d / "x")], "not a saved variant"),
     ("judges missing file", lambda d: ["judges", "--validate", "--file", str(d / "no.jsonl")], "no such file"),
     ("judges unknown judge", lambda d: ["judges", "--validate", "--judge", "vibes"], "unknown judge"),
     ("benchmarks unknown set", lambda d: ["benchmarks", "--check", "harmfull"], ""),

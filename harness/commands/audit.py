@@ -17,7 +17,8 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"subject model: bundled name, local folder, .gguf file or hub id (default {d.model})")
     p.add_argument("--variants", nargs="+", metavar="VARIANT",
                    help="variants as [NAME=]METHOD[:SCHEME][:OPT=VAL,...] or [NAME=]DIR (a folder saved by "
-                        "`safequant quantize`) "
+                        "`safequant quantize`), or a third-party artifact of --model: [NAME=]FILE.gguf or [NAME=]DIR "
+                        "(a Hugging Face folder, quantized or not; docs/shipping.md) "
                         f"(default: {' '.join(d.variants)}); fp is always evaluated first")
     p.add_argument("--prompt-sets", nargs="+", metavar="SET",
                    help="built-in set names or [NAME=]PATH files (default: " + " ".join(d.prompt_sets) + ")")
