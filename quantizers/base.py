@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
+from common.plugins import load_entry_points
+
 from .errors import QuantizerError  # re-exported: `from quantizers.base import QuantizerError` keeps working
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -340,27 +342,7 @@ def _load_plugins(force: bool = False) -> None:
     if force:
         _PLUGIN_ERRORS.clear()
     _plugins_loaded = True
-    try:
-        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except Exception as exc:  # pragma: no cover - broken environment metadata
-        log.warning("could not list %s entry points: %s", ENTRY_POINT_GROUP, exc)
-        return
-    for ep in eps:
-        name = ep.name.lower()
-        if name in _REGISTRY:
-            continue
-        try:
-            obj = ep.load()
-            if not (isinstance(obj, type) and issubclass(obj, Quantizer)):
-                raise QuantizerError(f"{ep.value} is not a Quantizer subclass")
-            if obj.name != name:
-                raise QuantizerError(f"entry point name {ep.name!r} differs from the class's name {obj.name!r}")
-            if _REGISTRY.get(name) is not obj:
-                register_quantizer(obj)
-        except Exception as exc:
-            _PLUGIN_ERRORS[name] = f"{type(exc).__name__}: {exc}"
-            log.warning("quantizer plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
-
+    load_entry_points(ENTRY_POINT_GROUP, "quantizer", Quantizer, _REGISTRY, register_quantizer, _PLUGIN_ERRORS)
 
 def reload_plugins() -> list[str]:
     """Re-scan the ``safequant.quantizers`` entry points (after installing a plugin in a running

@@ -19,8 +19,9 @@ import logging
 import re
 import typing
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from typing import Any
+
+from common.plugins import load_entry_points
 
 from .base import Judge
 
@@ -76,26 +77,7 @@ def _load_plugins(force: bool = False) -> None:
     _loaded["plugins"] = True
     if force:
         _PLUGIN_ERRORS.clear()
-    try:
-        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except Exception as exc:  # pragma: no cover - broken environment metadata
-        log.warning("could not list %s entry points: %s", ENTRY_POINT_GROUP, exc)
-        return
-    for ep in eps:
-        name = ep.name.lower()
-        if name in _REGISTRY:
-            continue
-        try:
-            obj = ep.load()
-            if not (isinstance(obj, type) and issubclass(obj, Judge)):
-                raise TypeError(f"{ep.value} is not a Judge subclass")
-            if obj.name != name:
-                raise ValueError(f"entry point name {ep.name!r} differs from the class's name {obj.name!r}")
-            register_judge(obj)
-        except Exception as exc:
-            _PLUGIN_ERRORS[name] = f"{type(exc).__name__}: {exc}"
-            log.warning("judge plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
-
+    load_entry_points(ENTRY_POINT_GROUP, "judge", Judge, _REGISTRY, register_judge, _PLUGIN_ERRORS)
 
 def judge_registry() -> dict[str, type[Judge]]:
     """Every judge class by name: built-in, registered and entry-point plugins."""
