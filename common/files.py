@@ -12,14 +12,16 @@ JSONL is read line by line through :func:`jsonl_objects`; each caller decides wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TEMP_SUFFIX", "JsonlLineError", "atomic_write", "atomic_write_json", "file_mode", "folder_mode",
+__all__ = ["TEMP_SUFFIX", "JsonlLineError", "atomic_folder", "atomic_write", "atomic_write_json", "file_mode", "folder_mode",
            "jsonl_objects", "remove_orphaned_temps"]
 
 #: ``.<name>.<random>.safequant-tmp``: what :func:`atomic_write` leaves behind when killed mid-write.
@@ -56,6 +58,28 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``target`` to fill; when the block ends without error it replaces
+    ``target``, so a crash leaves the old folder (or none), never half a new one. Files get the
+    umask's modes (``mkdtemp``/``mkstemp`` make them private)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX))
+    try:
+        os.chmod(tmp, folder_mode())
+        yield tmp
+        for file in tmp.iterdir():
+            if file.is_file():
+                os.chmod(file, file_mode())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

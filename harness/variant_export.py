@@ -21,12 +21,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_folder
 from harness.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -113,23 +111,10 @@ def export_variant(variant_dir: str, fmt: str, out: str, *, overwrite: bool = Fa
     record = {"format": fmt, "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "variant": {"path": str(Path(variant_dir).resolve()), "method": info["method"], "scheme": info["scheme"],
                           "source_model": info["source_model"]}}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".safequant-tmp"))
-    try:
-        from reports.atomic import file_mode, folder_mode
-
-        os.chmod(tmp, folder_mode())
+    with atomic_folder(target) as tmp:
         writer = {"hf": _write_hf, "gguf": _write_gguf, "compressed-tensors": _write_compressed_tensors}[fmt]
         record.update(writer(model, tokenizer, info, tmp))
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        for file in tmp.iterdir():  # writers that go through mkstemp leave 0600
-            os.chmod(file, file_mode())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

@@ -23,14 +23,12 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from common.files import TEMP_SUFFIX, folder_mode
+from common.files import atomic_folder
 from reports.validation import check_schema
 from torch import nn
 
@@ -193,21 +191,12 @@ def save_variant(
     # Never write what load_variant would refuse (e.g. no source fingerprint).
     check_consistent(check_schema(VariantInfo, json.loads(text), f"variant for {out}",
                                   "pass source={'spec': ..., 'fingerprint': ...}", QuantizerError), f"variant for {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=TEMP_SUFFIX))
-    try:
-        os.chmod(tmp, folder_mode())  # mkdtemp makes 0700; a variant folder gets the umask's mode
+    with atomic_folder(out) as tmp:
         save_model(model, str(tmp / WEIGHTS_FILE))
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / VARIANT_FILE).write_text(text, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
