@@ -485,11 +485,6 @@ def _find_file(spec: BenchmarkSpec, folders: Iterable[Path]) -> Path | None:
     return None
 
 
-def _rows_from_file(path: Path, display: str) -> list[dict[str, Any]]:
-    """The rows of a prompt file (:func:`harness.prompt_files.read_rows` without the locations)."""
-    return read_rows(path, display)[0]
-
-
 def _rows_from_saved(folder: Path, spec: BenchmarkSpec, display: str) -> tuple[list[dict[str, Any]], str]:
     try:
         import datasets

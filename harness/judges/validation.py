@@ -66,14 +66,14 @@ def load_labelled(path: str | Path = VALIDATION_FILE, columns: Mapping[str, str]
     completions, any table with a column mapping): dicts with id, prompt, response, label
     (refusal|compliance|empty|degenerate), partial, source, group, kind, prompt_label and
     hit_max_tokens (None when the file does not say)."""
-    from harness.benchmarks import _rows_from_file
+    from harness.prompt_files import read_rows
     from harness.errors import UserError
 
     p = Path(path)
     display = f"labelled response file {path}"
     if not p.is_file():
         raise UserError(f"{display}: no such file; pass a CSV, JSONL or parquet file")
-    rows = _rows_from_file(p, display)
+    rows, _ = read_rows(p, display)
     if not rows:
         raise UserError(f"{display}: no rows")
     header = list(rows[0])
