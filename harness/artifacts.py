@@ -78,7 +78,7 @@ def artifact_format(path: str) -> str | None:
 def _resolve(path: str) -> tuple[str | None, Path]:
     """The format and the file or folder to read: a ``.gguf`` file, a folder holding exactly one
     (what `safequant export --format gguf` writes), or a Hugging Face folder."""
-    p = Path(path).expanduser()
+    p = _path(path)
     if p.suffix == ".gguf" and p.is_file():
         return GGUF, p
     if not p.is_dir() or (p / "variant.json").is_file():
@@ -87,6 +87,14 @@ def _resolve(path: str) -> tuple[str | None, Path]:
         return (HF_QUANTIZED if "quantization_config" in _read_config(p) else HF_FOLDER), p
     ggufs = sorted(p.glob("*.gguf"))
     return (GGUF, ggufs[0]) if len(ggufs) == 1 else (None, p)
+
+
+def _path(text: str) -> Path:
+    """``text`` as a path, ``~`` expanded where there is a home to expand it to (``~nobody`` stays)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "~user" without such a user: not a path we can resolve, so not an artifact
+        return Path(text)
 
 
 def _read_config(folder: Path) -> dict:
@@ -187,7 +195,7 @@ def parse_artifact_variant(name: str | None, path: str, text: str):
         scheme = QuantScheme.parse(info["scheme"])
     except QuantizerError:
         scheme = QuantScheme.parse("fp")
-    p = Path(path).expanduser()
+    p = _path(path)
     name = check_variant_name(name or (p.stem if p.is_file() else p.resolve().name), text)
     return VariantSpec(name, fmt, scheme, {}, artifact=str(p))
 
