@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, MutableMapping
 from importlib import metadata
 
-__all__ = ["load_entry_points"]
+__all__ = ["load_entry_points", "registered_or_plugin"]
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +42,17 @@ def load_entry_points(group: str, kind: str, base_class: type, registered: Mutab
         except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
             log.warning("%s plugin %r (%s) failed to load: %s", kind, ep.name, ep.value, exc)
+
+
+def registered_or_plugin(name: str, key: str, kind: str, registered: MutableMapping[str, type],
+                         load_plugins: Callable[[], None], errors: MutableMapping[str, str],
+                         error: Callable[[str], Exception]) -> type | None:
+    """The class registered under ``key`` (entry points loaded only when it is not yet there), or
+    None when no such name exists; a plugin that failed to load raises ``error`` with its failure."""
+    if key not in registered:
+        load_plugins()
+    if key in registered:
+        return registered[key]
+    if key in errors:
+        raise error(f"{kind} plugin {name!r} failed to load ({errors[key]}); fix or uninstall it")
+    return None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
-from common.plugins import load_entry_points
+from common.plugins import load_entry_points, registered_or_plugin
 
 from .errors import QuantizerError  # re-exported: `from quantizers.base import QuantizerError` keeps working
 
@@ -406,12 +406,9 @@ def get_quantizer(name: str) -> type[Quantizer]:
     """The quantizer class registered under ``name`` (case-insensitive)."""
     _load_builtins()
     key = name.strip().lower() if isinstance(name, str) else name
-    if key not in _REGISTRY:
-        _load_plugins()
-    if key in _REGISTRY:
-        return _REGISTRY[key]
-    if key in _PLUGIN_ERRORS:
-        raise QuantizerError(f"quantizer plugin {name!r} failed to load ({_PLUGIN_ERRORS[key]}); fix or uninstall it")
+    found = registered_or_plugin(name, key, "quantizer", _REGISTRY, _load_plugins, _PLUGIN_ERRORS, QuantizerError)
+    if found is not None:
+        return found
     known = ", ".join(sorted(_REGISTRY)) or "none"
     raise QuantizerError(f"unknown quantizer {name!r}; available quantizers: {known}")
 

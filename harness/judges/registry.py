@@ -21,7 +21,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from common.plugins import load_entry_points
+from common.plugins import load_entry_points, registered_or_plugin
 
 from .base import Judge
 
@@ -94,13 +94,9 @@ def reload_plugins() -> list[str]:
 
 def get_judge_class(name: str) -> type[Judge]:
     _load_builtins()
-    key = name.strip().lower()
-    if key not in _REGISTRY:
-        _load_plugins()
-    if key in _REGISTRY:
-        return _REGISTRY[key]
-    if key in _PLUGIN_ERRORS:
-        raise _error(f"judge plugin {name!r} failed to load ({_PLUGIN_ERRORS[key]}); fix or uninstall it")
+    found = registered_or_plugin(name, name.strip().lower(), "judge", _REGISTRY, _load_plugins, _PLUGIN_ERRORS, _error)
+    if found is not None:
+        return found
     takes = [f"{n}:{c.argument.upper()}" for n, c in sorted(_REGISTRY.items()) if c.argument]
     raise _error(f"unknown judge {name!r}: choose one of {', '.join(sorted(_REGISTRY))} "
                  f"(with an argument: {', '.join(takes)})")
