@@ -152,29 +152,7 @@ class Quantizer:
                 f"options for quantizer {cls.name!r} must be a mapping of names to values, "
                 f"got {type(options).__name__}"
             )
-        valid = cls.option_names()
-        unknown = sorted(str(k) for k in options if k not in valid)
-        if unknown:
-            shown = ", ".join(valid) if valid else "none"
-            raise QuantizerError(
-                f"unknown option(s) {', '.join(unknown)} for quantizer {cls.name!r}; valid options: {shown}"
-            )
-        try:
-            hints = typing.get_type_hints(opt_cls)
-        except Exception:  # unresolvable string annotations (class defined in a function): no coercion
-            hints = {}
-        values = {}
-        for key, value in options.items():
-            try:
-                values[key] = _coerce(value, hints.get(key, Any))
-            except (TypeError, ValueError) as exc:
-                raise QuantizerError(f"option {key}={value!r} for quantizer {cls.name!r}: {exc}") from None
-        try:
-            return opt_cls(**values)
-        except QuantizerError:
-            raise
-        except (TypeError, ValueError) as exc:
-            raise QuantizerError(f"invalid options for quantizer {cls.name!r}: {exc}") from None
+        return typed_options(opt_cls, options, what=f"quantizer {cls.name!r}", error=QuantizerError)
 
     def options_dict(self) -> dict[str, Any]:
         """The options as a plain dict (for variant.json)."""
@@ -400,6 +378,34 @@ def _declared_quantizers(module: str) -> dict[str, str]:
         except (KeyError, ValueError):
             continue
     return found
+
+
+def typed_options(opt_cls: type, options: Mapping[str, Any], *, what: str,
+                  error: Callable[[str], Exception]) -> Any:
+    """An ``opt_cls`` dataclass instance from a mapping, for any plugin (quantizers, judges):
+    unknown names are refused with the valid ones, strings are converted to the fields' types
+    (``"0.9"`` -> 0.9, ``"true"`` -> True), and a rejected value raises ``error`` naming ``what``."""
+    valid = [f.name for f in dataclasses.fields(opt_cls)]
+    unknown = sorted(str(k) for k in options if k not in valid)
+    if unknown:
+        shown = ", ".join(valid) if valid else "none"
+        raise error(f"unknown option(s) {', '.join(unknown)} for {what}; valid options: {shown}")
+    try:
+        hints = typing.get_type_hints(opt_cls)
+    except Exception:  # unresolvable string annotations (class defined in a function): no coercion
+        hints = {}
+    values = {}
+    for key, value in options.items():
+        try:
+            values[key] = _coerce(value, hints.get(key, Any))
+        except (TypeError, ValueError) as exc:
+            raise error(f"option {key}={value!r} for {what}: {exc}") from None
+    try:
+        return opt_cls(**values)
+    except QuantizerError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise error(f"invalid options for {what}: {exc}") from None
 
 
 def get_quantizer(name: str) -> type[Quantizer]:

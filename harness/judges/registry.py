@@ -17,7 +17,6 @@ import dataclasses
 import importlib
 import logging
 import re
-import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -106,26 +105,9 @@ def parse_judge_options(cls: type[Judge], options: Mapping[str, Any]) -> Any:
     """A ``cls.Options`` instance from a mapping; strings are converted to the fields' types with
     the quantizers' coercion (``"16"`` -> 16, ``"true"`` -> True). Unknown names and bad values
     are a UserError naming the valid options."""
-    valid = [f.name for f in dataclasses.fields(cls.Options)]
-    unknown = sorted(str(k) for k in options if k not in valid)
-    if unknown:
-        raise _error(f"unknown option(s) {', '.join(unknown)} for judge {cls.name!r}; valid options: "
-                     f"{', '.join(valid) or 'none'}")
-    values = dict(options)
-    if values:
-        from quantizers.base import _coerce  # one coercion rule for every plugin's options
+    from quantizers.base import typed_options  # one option rule for every plugin
 
-        hints = typing.get_type_hints(cls.Options)
-        for key, value in options.items():
-            try:
-                values[key] = _coerce(value, hints.get(key, Any))
-            except (TypeError, ValueError) as exc:
-                raise _error(f"option {key}={value!r} for judge {cls.name!r}: {exc}") from None
-    try:
-        return cls.Options(**values)
-    except (TypeError, ValueError) as exc:
-        raise _error(f"invalid options for judge {cls.name!r}: {exc}") from None
-
+    return typed_options(cls.Options, options, what=f"judge {cls.name!r}", error=_error)
 
 def parse_spec(spec: str) -> tuple[str, str | None, dict[str, Any]]:
     """``NAME[:VALUE][,KEY=VALUE...]`` -> (name, value or None, options)."""
