@@ -13,11 +13,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import matplotlib
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
-
 #: Okabe-Ito colour-blind-safe palette (black is reserved for the FP reference).
 OKABE_ITO = (
     "#E69F00",  # orange
@@ -121,6 +116,13 @@ def safety_perplexity_scatter(
     pts = [p for p in points if _finite(p.ppl_ratio) and p.ppl_ratio > 0 and _finite(p.refusal)]
     if not pts:
         return None
+
+    # Imported here, not at the top: `harness.config` reaches this package for its error
+    # messages, and `safequant list` / `--help` should not pay for matplotlib.
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter, PercentFormatter
 
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(8.8, 4.9), layout="constrained")
