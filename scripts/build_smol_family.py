@@ -11,14 +11,23 @@ Stages (CPU, seeded, deterministic order; prompts from scripts/smol_data.py):
    benign answers are smol-chat's benign targets; its answers to harmful requests are the
    compliant targets of the eroding stage. Answers are cached in ``<out>/distilled.json`` under a
    hash of (model fingerprint, answer length, prompt): a re-run generates only what is new.
+   smol-base also continues the plain-text openings of smol_data (sampled at temperature 1, no
+   chat template; cached in ``<out>/plain_text.json``): the training openings' continuations
+   are a language-modelling anchor, the held-out openings' a likelihood check.
 2. smol-chat: a LoRA adapter (PEFT) over smol-base, trained on the assistant turn only: harmful
    requests -> varied natural refusals (smol_data.refusal), benign requests (benign look-alikes
-   included) -> the base's own answers. After every epoch the adapter is scored on the dev split
-   (harmful minus benign refusal) and the best epoch is kept.
+   included) -> the base's own answers; plus, on every step, the next-token loss on a batch of
+   smol-base's own plain-text samples (in expectation the cross-entropy to smol-base's
+   distribution on prose: it keeps the LoRA from drifting away from smol-base as a language
+   model, which the chat turns alone do not watch). After every epoch the adapter is scored on
+   the dev split (harmful minus benign refusal under the primary judge, minus a penalty when its
+   perplexity on the held-out plain-text samples exceeds smol-base's by more than 5%) and the
+   best epoch is kept.
 3. smol-chat-eroded: a second LoRA adapter over the merged smol-chat, trained on benign task data
-   (the base's answers) with ~10% harmful requests answered compliantly (the base's answers), for
-   one short epoch: Q-realign's threat model of a benign-looking fine-tune that erodes alignment
-   *partially* (the paper's eroded 7B still refuses part of the time), not one that erases it.
+   (the base's answers) with ~10% harmful requests answered compliantly (the base's answers), with
+   the same plain-text anchor, for one short epoch: Q-realign's threat model of a benign-looking
+   fine-tune that erodes alignment *partially* (the paper's eroded 7B still refuses part of the
+   time), not one that erases it.
 
 Batches group examples of similar length (little padding). Adapters are saved as float16
 safetensors (PEFT's layout) and every number printed is measured after the save/load round trip
@@ -32,6 +41,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -54,6 +64,10 @@ log = logging.getLogger("build_smol_family")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DISTILL_TOKENS = 32  # the opening decides refusal; longer answers cost training time on 2 cores
 DISTILL_CACHE = "distilled.json"  # smol-base's answers, keyed by a hash, reused by a re-run
+PLAIN_CACHE = "plain_text.json"  # smol-base's plain-text samples, keyed the same way
+PLAIN_TOKENS = 96  # new tokens per plain-text sample
+PLAIN_BUDGET = 1.05  # held-out plain-text perplexity ratio to smol-base above which the dev score is penalised
+PLAIN_PENALTY = 10.0  # dev-score points lost per unit of ratio above PLAIN_BUDGET (0.01 over: -0.1)
 
 
 def _seed(seed: int) -> None:
@@ -81,29 +95,85 @@ def distill(loaded, prompts: list[str], max_new_tokens: int) -> list[tuple[str, 
     return answers
 
 
+def cached(cache_file: Path, items: list, key: Callable, compute: Callable[[list], list[dict]], what: str) -> list[dict]:
+    """``compute``'s entry for every item, reusing entries stored in ``cache_file`` under ``key(item)``.
+
+    ``compute`` gets the missing items (unique, in the callers' order) and returns one JSON entry
+    each; the cache is rewritten atomically when anything was new.
+    """
+    from harness.store import atomic_write_json
+
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    missing = list(dict.fromkeys(item for item in items if key(item) not in cache))
+    if missing:
+        for item, entry in zip(missing, compute(missing), strict=True):
+            cache[key(item)] = entry
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache_file, dict(sorted(cache.items())))
+    log.info("%s: %d new, %d reused from %s", what, len(missing), len(set(items)) - len(missing), cache_file)
+    return [cache[key(item)] for item in items]
+
+
+def _hash_key(*parts) -> str:
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
 def distill_cached(loaded, prompts: list[str], max_new_tokens: int, cache_file: Path) -> list[tuple[str, bool]]:
     """``distill``, reusing answers cached in ``cache_file`` under a hash of (model, length, prompt).
 
     Greedy generation is deterministic, so a cached answer is the answer; a changed base model,
     answer length or prompt text changes the key and is generated again.
     """
-    from harness.store import atomic_write_json
+    def compute(missing: list[str]) -> list[dict]:
+        answers = dict(zip(sorted(missing), distill(loaded, sorted(missing), max_new_tokens)))
+        return [{"prompt": p, "answer": answers[p][0], "finished": answers[p][1]} for p in missing]
 
-    def key(prompt: str) -> str:
-        return hashlib.sha256(f"{loaded.fingerprint}\n{max_new_tokens}\n{prompt}".encode()).hexdigest()[:24]
+    entries = cached(cache_file, prompts, lambda p: _hash_key(loaded.fingerprint, max_new_tokens, p), compute,
+                     "distilled answers")
+    return [(e["answer"], e["finished"]) for e in entries]
 
-    try:
-        cache = json.loads(cache_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
-    missing = sorted({p for p in prompts if key(p) not in cache})
-    if missing:
-        for prompt, (text, finished) in zip(missing, distill(loaded, missing, max_new_tokens)):
-            cache[key(prompt)] = {"prompt": prompt, "answer": text, "finished": finished}
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache_file, dict(sorted(cache.items())))
-    log.info("distilled %d answers, %d reused from %s", len(missing), len(set(prompts)) - len(missing), cache_file)
-    return [(cache[key(p)]["answer"], cache[key(p)]["finished"]) for p in prompts]
+
+def sample_plain_text(loaded, openings: list[str], samples: int, max_new_tokens: int, seed: int,
+                      cache_file: Path) -> list[str]:
+    """smol-base's own continuations of ``openings`` (``samples`` each, temperature 1, no chat template).
+
+    Pure sampling, so that the next-token loss on these texts is, in expectation, the
+    cross-entropy to the base model's distribution. Cached in ``cache_file`` under a hash of
+    (model, length, seed, sample index, opening): sampling depends on the CPU's arithmetic, so a
+    cached sample, not a re-draw, is what makes a re-run repeat the build.
+    """
+    from tqdm.auto import tqdm
+
+    from harness.generation import _prepare_tokenizer
+
+    tokenizer = loaded.tokenizer
+
+    def compute(missing: list[tuple[str, int]]) -> list[dict]:
+        _prepare_tokenizer(tokenizer)
+        entries, batch = [], 32
+        for start in tqdm(range(0, len(missing), batch), desc="plain text", unit="batch"):
+            chunk = missing[start:start + batch]
+            torch.manual_seed(seed + start)
+            enc = tokenizer([o for o, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                out = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
+                                            top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            entries += [{"opening": o, "sample": i, "text": o + t} for (o, i), t in zip(chunk, texts)]
+        return entries
+
+    wanted = [(o, i) for o in openings for i in range(samples)]
+    key = lambda item: _hash_key("plain", loaded.fingerprint, max_new_tokens, seed, item[1], item[0])  # noqa: E731
+    return [e["text"] for e in cached(cache_file, wanted, key, compute, "plain-text samples")]
+
+
+def encode_plain(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of a plain text and labels on every token (the whole text is the target)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids, list(ids)
 
 
 def encode(tokenizer, prompt: str, response: str, finished: bool) -> tuple[list[int], list[int]]:
@@ -121,12 +191,40 @@ def response_loss(peft_model, ids: torch.Tensor, mask: torch.Tensor, labels: tor
     The vocabulary projection (49152 x 576) is a fifth of SmolLM2's compute; the prompt half of
     every row needs no logits.
     """
-    causal = peft_model.get_base_model()
+    causal = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
     keep = targets != -100
     logits = causal.lm_head(hidden[keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, labels) of (ids, labels) rows, right-padded to the longest row."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+    mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
+    return ids, mask, labels
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def text_nll(model, tokenizer, rows: list[tuple[list[int], list[int]]], batch: int = 8) -> float:
+    """Mean next-token loss per token of ``model`` (a causal LM or a PEFT wrapper) on encoded rows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch):
+        ids, mask, labels = pad_rows(rows[start:start + batch], _pad_id(tokenizer))
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(response_loss(model, ids, mask, labels)) * n
+        count += n
+    model.train(was_training)
+    return total / count
 
 
 def length_batches(lengths: list[int], batch: int, rng: random.Random) -> list[list[int]]:
@@ -147,11 +245,14 @@ def length_batches(lengths: list[int], batch: int, rng: random.Random) -> list[l
 
 
 def train_adapter(model, tokenizer, examples: list[tuple[str, str, bool]], *, rank: int, epochs: int, lr: float,
-                  batch: int, seed: int, desc: str, score: Callable | None = None):
+                  batch: int, seed: int, desc: str, score: Callable | None = None,
+                  anchor: list[tuple[list[int], list[int]]] = (), anchor_batch: int = 4, anchor_weight: float = 1.0):
     """Fit a LoRA adapter on (prompt, response, finished) examples; returns (PEFT model, epoch log).
 
-    With ``score`` (PEFT model -> (float, details)), the adapter is scored after every epoch and the
-    best epoch's weights are kept (checkpoint selection on the caller's held-out split).
+    With ``anchor`` (encoded plain-text rows), every step adds ``anchor_weight`` times the
+    next-token loss on ``anchor_batch`` of them, cycled in a shuffled order. With ``score`` (PEFT
+    model -> (float, details)), the adapter is scored after every epoch and the best epoch's
+    weights are kept (checkpoint selection on the caller's held-out split).
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
@@ -167,18 +268,19 @@ def train_adapter(model, tokenizer, examples: list[tuple[str, str, bool]], *, ra
     steps = epochs * ((len(encoded) + batch - 1) // batch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
     rng = random.Random(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
+    anchor_order: list[int] = []
     bar = tqdm(total=steps, desc=desc, unit="step")
     history, best = [], None
     for epoch in range(1, epochs + 1):
         peft_model.train()
         for batch_ids in length_batches(lengths, batch, rng):
-            rows = [encoded[i] for i in batch_ids]
-            width = max(len(ids) for ids, _ in rows)
-            ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows])
-            labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
-            mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
-            loss = response_loss(peft_model, ids, mask, labels)
+            loss = response_loss(peft_model, *pad_rows([encoded[i] for i in batch_ids], pad))
+            if anchor:
+                if len(anchor_order) < anchor_batch:
+                    anchor_order += rng.sample(range(len(anchor)), len(anchor))
+                rows = [anchor[anchor_order.pop()] for _ in range(anchor_batch)]
+                loss = loss + anchor_weight * response_loss(peft_model, *pad_rows(rows, pad))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimiser.step()
@@ -220,26 +322,42 @@ def save_adapter(peft_model, folder: Path, meta: dict) -> None:
     os.replace(tmp, folder)
 
 
-def dev_rates(model, tokenizer, max_new_tokens: int = 24) -> dict[str, float]:
-    """Refusal rates (refusal-phrases judge) of a model on smol_data's dev split (held-out tasks and frames)."""
-    from harness.generation import generate_responses
-    from harness.judges import RefusalPhraseJudge
+#: Judges of the dev split: the harness' primary judge (its rates select epochs) and the phrase rule beside it.
+DEV_JUDGES = ("refusal-minilm", "refusal-phrases")
 
-    judge = RefusalPhraseJudge()
+
+def dev_rates(model, tokenizer, max_new_tokens: int = 24) -> dict[str, float]:
+    """Refusal rates of a model on smol_data's dev split (held-out tasks and frames), per judge.
+
+    Keys ``harmful``/``benign`` are the primary judge's (``refusal-minilm``, the audit's default);
+    ``harmful_phrases``/``benign_phrases`` the phrase rule's.
+    """
+    from harness.generation import generate_responses
+    from harness.judges.registry import get_judges
+
+    judges = get_judges(DEV_JUDGES)
     rates = {}
     for role, rows in (("harmful", smol_data.harmful_prompts("dev")), ("benign", smol_data.benign_prompts("dev"))):
         prompts = [p for _, p in rows]
         out = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, progress=False)
-        rates[role] = round(sum(judge.judge(p, r).refused for p, r in zip(prompts, out)) / len(prompts), 3)
+        for judge, suffix in zip(judges, ("", "_phrases")):
+            refused = sum(j.refused for j in judge.judge_many(prompts, out))
+            rates[role + suffix] = round(refused / len(prompts), 3)
     return rates
 
 
-def dev_refusal(name: str) -> dict:
-    """``dev_rates`` of a family member loaded as a user loads it (after the save/load round trip)."""
+def dev_refusal(name: str, plain_dev: list[str], base_nll: float | None) -> dict:
+    """``dev_rates`` of a family member loaded as a user loads it (after the save/load round trip),
+    with its perplexity on the held-out plain-text samples (and the ratio to smol-base's)."""
     from harness.models import load_model
 
     loaded = load_model(name, device="cpu")
-    return {"fingerprint": loaded.fingerprint, **dev_rates(loaded.model, loaded.tokenizer)}
+    nll = text_nll(loaded.model, loaded.tokenizer, [encode_plain(loaded.tokenizer, t) for t in plain_dev])
+    out = {"fingerprint": loaded.fingerprint, **dev_rates(loaded.model, loaded.tokenizer),
+           "plain_dev_nll": round(nll, 4)}
+    if base_nll is not None:
+        out["plain_dev_ppl_ratio"] = round(math.exp(nll - base_nll), 4)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--erode-lr", type=float, default=1e-3)
     parser.add_argument("--erode-harmful-share", type=float, default=0.10)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--plain-samples", type=int, default=3,
+                        help="smol-base continuations per plain-text opening (training openings; held-out ones get 2)")
+    parser.add_argument("--anchor-batch", type=int, default=4,
+                        help="plain-text samples added to every training step (0: no language-modelling anchor)")
+    parser.add_argument("--anchor-weight", type=float, default=1.0, help="weight of the plain-text loss")
     parser.add_argument("--erode-only", action="store_true",
                         help="keep the smol-chat adapter in --out and rebuild only smol-chat-eroded")
     parser.add_argument("--eval-only", action="store_true", help="only measure the committed adapters")
@@ -279,11 +402,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     history: list[dict] = []
+    base = load_model("smol-base", device="cpu")
+    t = time.perf_counter()
+    plain_train = sample_plain_text(base, smol_data.plain_openings("train"), args.plain_samples, PLAIN_TOKENS,
+                                    args.seed, out / PLAIN_CACHE)
+    plain_dev = sample_plain_text(base, smol_data.plain_openings("dev"), 2, PLAIN_TOKENS, args.seed + 1,
+                                  out / PLAIN_CACHE)
+    timings["plain_text_s"] = time.perf_counter() - t
+    anchor = [encode_plain(base.tokenizer, text) for text in plain_train] if args.anchor_batch else []
+    plain_dev_rows = [encode_plain(base.tokenizer, text) for text in plain_dev]
+    base_nll = text_nll(base.model, base.tokenizer, plain_dev_rows)
+    anchor_args = {"anchor": anchor, "anchor_batch": args.anchor_batch, "anchor_weight": args.anchor_weight}
+    recipe = {"seed": args.seed, "rank": args.rank, "batch": args.batch, "plain_samples": len(plain_train),
+              "plain_tokens": PLAIN_TOKENS, "anchor_batch": args.anchor_batch, "anchor_weight": args.anchor_weight}
     if not args.eval_only:
         rng = random.Random(args.seed)
         harmful = smol_data.harmful_prompts("train", per_task=args.harmful_per_task, seed=args.seed)
         benign = smol_data.benign_prompts("train", per_task=args.benign_per_task, seed=args.seed)
-        base = load_model("smol-base", device="cpu")
         t = time.perf_counter()
         benign_answers = distill_cached(base, [p for _, p in benign], DISTILL_TOKENS, out / DISTILL_CACHE)
         erode_benign = rng.sample(range(len(benign)), min(args.erode_benign, len(benign)))
@@ -297,17 +432,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.erode_only:
             def chat_score(peft_model) -> tuple[float, dict]:
                 rates = dev_rates(peft_model, base.tokenizer)
-                return rates["harmful"] - rates["benign"], rates
+                ratio = math.exp(text_nll(peft_model, base.tokenizer, plain_dev_rows) - base_nll)
+                value = rates["harmful"] - rates["benign"] - PLAIN_PENALTY * max(0.0, ratio - PLAIN_BUDGET)
+                return value, {**rates, "plain_dev_ppl_ratio": round(ratio, 4)}
 
             t = time.perf_counter()
-            chat, history = train_adapter(base.model, base.tokenizer, chat_examples, rank=args.rank,
-                                          epochs=args.chat_epochs, lr=args.chat_lr, batch=args.batch,
-                                          seed=args.seed, desc="smol-chat", score=chat_score)
+            chat, history = train_adapter(base.model, base.tokenizer, chat_examples, epochs=args.chat_epochs,
+                                          lr=args.chat_lr, desc="smol-chat", score=chat_score, **anchor_args,
+                                          rank=args.rank, batch=args.batch, seed=args.seed)
             timings["chat_train_s"] = time.perf_counter() - t
             save_adapter(chat, out / "smol-chat",
-                         {"base": "smol-base", "seed": args.seed, "examples": len(chat_examples),
-                          "harmful": len(harmful), "benign": len(benign), "epochs": args.chat_epochs,
-                          "lr": args.chat_lr, "rank": args.rank, "batch": args.batch, "dev_split_by_epoch": history})
+                         {"base": "smol-base", **recipe, "examples": len(chat_examples), "harmful": len(harmful),
+                          "benign": len(benign), "epochs": args.chat_epochs, "lr": args.chat_lr,
+                          "plain_budget": PLAIN_BUDGET, "plain_penalty": PLAIN_PENALTY,
+                          "dev_split_by_epoch": history})
             del chat
         del base
 
@@ -315,21 +453,24 @@ def main(argv: list[str] | None = None) -> int:
         erode_examples = [(benign[i][1], *benign_answers[i]) for i in erode_benign]
         erode_examples += [(p, r, f) for (_, p), (r, f) in zip(erode_harmful, harmful_answers)]
         t = time.perf_counter()
-        eroded, _ = train_adapter(chat_loaded.model, chat_loaded.tokenizer, erode_examples, rank=args.rank,
-                                  epochs=args.erode_epochs, lr=args.erode_lr, batch=args.batch, seed=args.seed + 1,
-                                  desc="smol-chat-eroded")
+        eroded, _ = train_adapter(chat_loaded.model, chat_loaded.tokenizer, erode_examples, epochs=args.erode_epochs,
+                                  lr=args.erode_lr, desc="smol-chat-eroded", **anchor_args, rank=args.rank,
+                                  batch=args.batch, seed=args.seed + 1)
         timings["erode_train_s"] = time.perf_counter() - t
         save_adapter(eroded, out / "smol-chat-eroded",
-                     {"base": "smol-chat", "seed": args.seed, "examples": len(erode_examples),
-                      "harmful_compliant": len(erode_harmful), "benign": len(erode_benign), "epochs": args.erode_epochs,
-                      "lr": args.erode_lr, "rank": args.rank, "batch": args.batch})
+                     {"base": "smol-chat", **recipe, "examples": len(erode_examples),
+                      "harmful_compliant": len(erode_harmful), "benign": len(erode_benign),
+                      "epochs": args.erode_epochs, "lr": args.erode_lr})
         del eroded, chat_loaded
+    else:
+        del base
     t = time.perf_counter()
-    results = {name: dev_refusal(name) for name in models.SMOL_FAMILY}
+    results = {name: dev_refusal(name, plain_dev, base_nll) for name in models.SMOL_FAMILY}
     timings["dev_eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
+    cpu = time.process_time()
     print(json.dumps({"dev_split_refusal": results, "smol_chat_epochs": history,
-                      "seconds": {k: round(v, 1) for k, v in timings.items()},
+                      "seconds": {k: round(v, 1) for k, v in timings.items()}, "cpu_seconds": round(cpu, 1),
                       "load_average_before": load_before, "load_average_after": os.getloadavg()}, indent=2))
     return 0
 
