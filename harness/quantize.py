@@ -165,6 +165,13 @@ class VariantMaker:
         if self.needs.text and isinstance(limit, int) and self.calib.length > limit:
             raise UserError(f"--calib-len {self.calib.length} is longer than the model's {limit}-token context: "
                             f"pass --calib-len {limit} or less")
+        from quantizers import QuantizerError
+
+        for name, quantizer in self.quantizers.items():
+            try:
+                quantizer.check_model(subject.model)
+            except QuantizerError as exc:
+                raise UserError(f"variant {name}: {exc}") from None
         for path, info in self._saved.items():
             _check_source(path, info, subject)
         for spec in self.specs:

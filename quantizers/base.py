@@ -165,6 +165,10 @@ class Quantizer:
     def check(self, scheme: QuantScheme) -> None:
         """Raise :class:`QuantizerError` if this quantizer cannot produce ``scheme``. Default: any."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`QuantizerError` if this quantizer's inputs do not fit ``model`` (the harness
+        calls it once the subject loads, before any variant is made or any file written). Default: any."""
+
     def supports(self, scheme: QuantScheme) -> bool:
         try:
             self.check(scheme)

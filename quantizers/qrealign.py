@@ -660,6 +660,16 @@ class QRealignQuantizer(Quantizer):
                 "itself: drop -wmse"
             )
 
+    def check_model(self, model: nn.Module) -> None:
+        """Probes read from a file (``probes_from``) must cover exactly the model's decoder layers
+        at its width: probes of another model's depth or width are rejected before any work."""
+        if str(self.options.probes_from).strip().lower() == "reference":
+            return
+        layers = decoder_layers(model)
+        hidden = int(getattr(model.config, "hidden_size", 0) or layers[0].self_attn.o_proj.out_features)
+        probes, meta, _ = self._probes(model, QuantContext(), [])
+        probe_directions(probes, len(layers), hidden, meta["source"])
+
     def effective_scheme(self, scheme: QuantScheme) -> QuantScheme:
         """The scheme as quantized: asymmetric weights unless ``asym_weights=false``."""
         return scheme.replace(w_symmetric=False) if self.options.asym_weights else scheme
