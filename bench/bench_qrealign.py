@@ -298,10 +298,28 @@ def run_smol(args) -> None:
                          first_token=False, probes=False, report=True, perplexity_text=str(WIKITEXT), ppl_window=512, ppl_stride=512,
                          ppl_max_tokens=args.ppl_tokens, data_dir=str(STRONGREJECT.parent), seed=args.seed,
                          probe_model=args.probe_model)
-    summary = Audit(config).run(command="bench/bench_qrealign.py --part smol " + " ".join(sys.argv[1:]))
-    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    result = {"refusal": refusal_by_judge(rows), "benign_agreement": benign_agreement(rows), "variants": {}}
-    for v in summary["variants"]:
+    Audit(config).run(command="bench/bench_qrealign.py --part smol " + " ".join(sys.argv[1:]))
+    result = smol_result([out])
+    (out / "bench_smol.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    print(smol_table(args, result))
+
+
+def smol_result(run_dirs: list[Path]) -> dict:
+    """The bench's numbers from audit run directories (summary.json + rows.jsonl; a run still in
+    progress has both up to its last finished variant). Variants of later runs whose name an
+    earlier run already has are left out, so the first run's FP is the reference of all."""
+    summaries, rows = [], []
+    for run_dir in run_dirs:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+        have = {v["name"] for s in summaries for v in s["variants"]}
+        summary["variants"] = [v for v in summary["variants"] if v["name"] not in have]
+        keep = {v["name"] for v in summary["variants"]}
+        summaries.append(summary)
+        rows += [r for r in (json.loads(line) for line in (Path(run_dir) / "rows.jsonl").read_text(
+            encoding="utf-8").splitlines() if line.strip()) if r["variant"] in keep]
+    result = {"runs": [str(d) for d in run_dirs], "refusal": refusal_by_judge(rows),
+              "benign_agreement": benign_agreement(rows), "variants": {}}
+    for v in (v for s in summaries for v in s["variants"]):
         meta = (v.get("quantizer") or {}).get("metadata") or {}
         result["variants"][v["name"]] = {
             "perplexity": v["metrics"]["perplexity"], "quantize_seconds": v["quantize_seconds"],
@@ -309,8 +327,7 @@ def run_smol(args) -> None:
             "block_steps": sum(b["steps_run"] for b in meta.get("blocks", [])),
             "block_seconds": round(sum(b["seconds"] for b in meta.get("blocks", [])), 1),
             "diagnostics": meta.get("diagnostics")}
-    (out / "bench_smol.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    print(smol_table(args, result))
+    return result
 
 
 def smol_table(args, result: dict) -> str:
@@ -366,6 +383,8 @@ def main(argv=None) -> int:
                     "smol: auto, i.e. smol-chat)")
     ap.add_argument("--sets", nargs="+", default=list(SMOL_SETS), help="smol part: prompt sets")
     ap.add_argument("--limit", type=int, default=None, help="smol part: first N prompts of each set")
+    ap.add_argument("--from-runs", nargs="+", metavar="RUN_DIR",
+                    help="smol part: print the table of finished (or partly finished) bench runs instead of running")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     ap.add_argument("--n-prompts", type=int, default=200)
     ap.add_argument("--calib-prompts", default="calibration",
@@ -388,7 +407,9 @@ def main(argv=None) -> int:
     smol = args.part == "smol"
     args.model = args.model or ("smol-chat-eroded" if smol else "toy-chat-eroded")
     args.probe_model = args.probe_model or ("auto" if smol else "toy-chat")
-    if smol:
+    if smol and args.from_runs:
+        print(smol_table(args, smol_result([Path(d) for d in args.from_runs])))
+    elif smol:
         run_smol(args)
     elif args.part == "smollm2":
         run_smollm2(args)
