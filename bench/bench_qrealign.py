@@ -351,7 +351,8 @@ def smol_table(args, result: dict) -> str:
             cut = f"{(base - now) / base:.0%}" if base > 0 else "–"
         agree = result["benign_agreement"].get(name, {})
         ratio = f" ({v['perplexity'] / fp_ppl:.3f}x)" if fp_ppl else ""
-        cal = f"{v['quantize_seconds']:.0f} s, {v['peak_memory_mib']:.0f} MiB" if name != "fp" else "–"
+        cal = "–" if name == "fp" else f"{v['quantize_seconds']:.0f} s" + (
+            f", peak RSS {v['peak_memory_mib']:.0f} MiB" if v["peak_memory_mib"] else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['perplexity']:.3f}{ratio} | {cut} | "
                      f"{agree.get('mean_cosine', float('nan')):.3f} ({agree.get('share_similar', float('nan')):.0%}) | {cal} |")
     for name, v in result["variants"].items():
