@@ -142,13 +142,13 @@ class Audit:
         log.info("loading %s", self.subject_source.spec)
         subject = load_model(self.subject_source, self.config.device, self.config.dtype, self.config.trust_remote_code)
         self._check_loaded(subject)
+        self.maker.prepare(subject)  # the base and probe models the variants need, once (checked: nothing written yet)
         self.fp_model = subject.model
         with self.store.locked():  # one audit per run directory; a second fails at once
             return self._run(subject, command)
 
     def _run(self, subject: LoadedModel, command: str) -> dict:
         started = time.perf_counter()
-        self.maker.prepare(subject)  # the base and probe models the variants need, once
         summary = self._summary_header(subject, command)
         self.probes = self._probe_suite(subject)
         if self.probes is None and self.config.probes:

@@ -165,6 +165,13 @@ class VariantMaker:
         if self.needs.text and isinstance(limit, int) and self.calib.length > limit:
             raise UserError(f"--calib-len {self.calib.length} is longer than the model's {limit}-token context: "
                             f"pass --calib-len {limit} or less")
+        from quantizers import QuantizerError
+
+        for name, quantizer in self.quantizers.items():
+            try:
+                quantizer.check_model(subject.model)
+            except QuantizerError as exc:
+                raise UserError(f"variant {name}: {exc}") from None
         for path, info in self._saved.items():
             _check_source(path, info, subject)
         for spec in self.specs:
@@ -246,11 +253,17 @@ class VariantMaker:
             if spec is None:
                 return None
         loaded = self._load(resolve_model(spec))
-        if (loaded.model.config.hidden_size != subject.model.config.hidden_size
-                or len(loaded.tokenizer) != len(subject.tokenizer)):
-            raise UserError(f"--probe-model {spec!r} (hidden {loaded.model.config.hidden_size}) does not match "
-                            f"{subject.source.spec!r} (hidden {subject.model.config.hidden_size}): probes must come "
-                            "from the aligned model of the same family")
+        shape = {name: (getattr(m.model.config, "hidden_size", None), getattr(m.model.config, "num_hidden_layers", None),
+                        len(m.tokenizer)) for name, m in (("probe", loaded), ("subject", subject))}
+        if shape["probe"] != shape["subject"]:
+            (pw, pd, _), (sw, sd, _) = shape["probe"], shape["subject"]
+            raise UserError(f"--probe-model {spec!r} ({pd} layers of width {pw}) does not match {subject.source.spec!r} "
+                            f"({sd} layers of width {sw}) or its tokenizer: probes must come from the aligned model "
+                            "of the same family")
+        if loaded.fingerprint == subject.fingerprint:
+            raise UserError(f"--probe-model {spec!r} has the same weights as the subject {subject.source.spec!r}: "
+                            "Q-realign would fit its probes on the eroded model itself; pass its aligned parent, or "
+                            "--probe-model subject to do that on purpose")
         return loaded.model
 
     def _load(self, source: ModelSource) -> LoadedModel:
@@ -265,7 +278,9 @@ class VariantMaker:
         calibration = None
         ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=subject.model, base_model=base.model,
                            device=next(subject.model.parameters()).device, seed=seed,
-                           probe_model=self.probe_model if needs.prompts else None)
+                           probe_model=self.probe_model if needs.prompts else None,
+                           refusal_token_ids=_refusal_token_ids(subject, self.settings.system_prompt)
+                           if needs.prompts else None)
         if needs.text:
             calibration = load_calibration(self.calib.spec(subject.source.kind, seed), subject.tokenizer, subject.model)
             ctx.calibration_batches = calibration.batches
@@ -319,6 +334,14 @@ def _build(spec: VariantSpec, system_prompt: str | None) -> Quantizer:
     except QuantizerError as exc:
         raise UserError(f"variant {spec.name}: {exc}") from None
     return quantizer
+
+
+def _refusal_token_ids(subject: LoadedModel, system_prompt: str | None) -> tuple[int, ...]:
+    """The subject tokenizer's refusal first tokens (:mod:`harness.first_token`), for the logit-lens
+    diagnostics of prompt-calibrated methods."""
+    from harness.first_token import refusal_tokens
+
+    return refusal_tokens(subject.tokenizer, system_prompt=system_prompt).first_token_ids
 
 
 def _check_source(path: str, info: dict, subject: LoadedModel) -> None:

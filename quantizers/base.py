@@ -72,6 +72,8 @@ class QuantContext:
     ``label`` (``"harmful"`` or ``"benign"``) and ``source``; the harness keeps them disjoint from
     the evaluation prompts. ``probe_model``: the aligned model probes are fitted on when a method
     needs probes from a model other than the subject (``None``: use ``reference_model``).
+    ``refusal_token_ids``: token ids a refusal opens with in this tokenizer (the harness derives
+    them from its documented refusal openings); Q-realign's logit-lens diagnostics read them.
     ``progress(stage, done, total)``, if given, is handed to the loops that report how work
     advances (``run_calibration``, ``quantize_linear_layers``, GPTQ's layer loop).
     """
@@ -82,6 +84,7 @@ class QuantContext:
     base_model: nn.Module | None = None
     calibration_prompts: Sequence[Mapping[str, Any]] | None = None
     probe_model: nn.Module | None = None
+    refusal_token_ids: Sequence[int] | None = None
     device: str | torch.device = "cpu"
     seed: int = 0
     progress: ProgressCallback | None = None
@@ -161,6 +164,10 @@ class Quantizer:
     # ------------------------------------------------------------------ schemes
     def check(self, scheme: QuantScheme) -> None:
         """Raise :class:`QuantizerError` if this quantizer cannot produce ``scheme``. Default: any."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`QuantizerError` if this quantizer's inputs do not fit ``model`` (the harness
+        calls it once the subject loads, before any variant is made or any file written). Default: any."""
 
     def supports(self, scheme: QuantScheme) -> bool:
         try:

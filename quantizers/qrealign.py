@@ -82,6 +82,7 @@ __all__ = [
     "resolve_probe_file",
     "probe_directions",
     "fit_probes",
+    "diagnostic_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,11 @@ class QRealignOptions:
     ``system_prompt``: system prompt of the calibration chat template (empty = none); use the one
     the model is evaluated and deployed with; ``probe_margin``: the malicious loss is
     ``softplus(margin - logit)`` (0, the paper's); a positive margin keeps pushing prompts that
-    are already on the malicious side (an ablation, not the paper's method).
+    are already on the malicious side (an ablation, not the paper's method);
+    ``diagnostic_prompts``: at most this many harmful and as many benign records, held out of the
+    calibration steps (and of the probe fit when the probes are fitted here), on which the
+    per-layer diagnostics of :mod:`probes.realign` are measured for the aligned, the FP and the
+    quantized model (32; 0 = none), recorded in ``metadata["diagnostics"]``.
     """
 
     n_prompts: int = 200
@@ -140,6 +145,7 @@ class QRealignOptions:
     probe_standardize: bool = True
     system_prompt: str = ""
     probe_margin: float = 0.0
+    diagnostic_prompts: int = 32
 
     def __post_init__(self) -> None:
         def bad(message: str) -> QuantizerError:
@@ -161,7 +167,7 @@ class QRealignOptions:
         for name in ("seq_len", "batch_size", "probe_max_iter"):
             if getattr(self, name) < 1:
                 raise bad(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("epochs_shallow", "epochs_deep"):
+        for name in ("epochs_shallow", "epochs_deep", "diagnostic_prompts"):
             if getattr(self, name) < 0:
                 raise bad(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("lr_smooth", "lr_clip", "probe_C"):
@@ -265,6 +271,65 @@ def calibration_overlap(calibration_meta: Mapping[str, Any] | None, prompt_recor
     return PromptFootprint.from_metadata(calibration_meta).overlap(prompt_records)
 
 
+def diagnostic_records(records: Sequence[Mapping[str, Any]], chosen: Sequence[Mapping[str, Any]],
+                       probe_records: Sequence[Mapping[str, Any]], opts: QRealignOptions,
+                       seed: int) -> list[dict[str, Any]]:
+    """Up to ``opts.diagnostic_prompts`` harmful and as many benign records that no calibration step
+    saw and, when the probes were fitted on ``probe_records``, that sat in the probe fit's held-out
+    split (the split :func:`fit_probes` draws with ``seed``), in record order."""
+    if opts.diagnostic_prompts == 0:
+        return []
+    used = {r["id"] for r in chosen}
+    pool = [r for r in records if r["id"] not in used]
+    if probe_records:
+        import numpy as np
+
+        from probes.slr import stratified_split
+
+        labels = np.asarray([r["label"] == "harmful" for r in probe_records], dtype=np.int64)
+        test = {probe_records[i]["id"] for i in stratified_split(labels, opts.probe_test_size, seed)[1]}
+        pool = [r for r in pool if r["id"] in test]
+    harmful = [r for r in pool if r["label"] == "harmful"][:opts.diagnostic_prompts]
+    benign = [r for r in pool if r["label"] == "benign"][:opts.diagnostic_prompts]
+    return harmful + benign if harmful and benign else []
+
+
+def _diagnoser(ctx: QuantContext, records: Sequence[Mapping[str, Any]], directions: Mapping[int, tuple],
+               opts: QRealignOptions) -> Callable[[nn.Module | None], dict[str, Any] | None] | None:
+    """``diagnose(model)``: :func:`probes.realign.model_diagnostics` of a model on ``records``
+    (None for no model); None when there are no diagnostic records."""
+    if not records:
+        return None
+    from probes.realign import model_diagnostics
+
+    texts = [chat_prompt(ctx.tokenizer, r["prompt"], opts.system_prompt) for r in records]
+    labels = [int(r["label"] == "harmful") for r in records]
+    dirs = {layer: (w.numpy(), b) for layer, (w, b) in directions.items()}
+
+    def diagnose(model: nn.Module | None) -> dict[str, Any] | None:
+        if model is None:
+            return None
+        return model_diagnostics(model, ctx.tokenizer, texts, labels, dirs, ctx.refusal_token_ids,
+                                 max_tokens=opts.seq_len)
+    return diagnose
+
+
+def _diagnostics_metadata(before: Mapping[str, Any], quantized: Mapping[str, Any],
+                          records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``metadata["diagnostics"]``: per model (aligned parent, FP subject, quantized) and layer the
+    aligned probes' logit distribution and the logit-lens refusal probability, and where the
+    subject's refusal decision departs from the aligned one (before and after quantization)."""
+    from probes.realign import divergence
+
+    models = {"aligned": before["aligned"], "fp": before["fp"], "quantized": quantized}
+    doc: dict[str, Any] = {"prompt_ids": [r["id"] for r in records],
+                           "models": {k: v for k, v in models.items() if v is not None}}
+    if before["aligned"] is not None:
+        doc["divergence"] = {"fp": divergence(before["aligned"], before["fp"]),
+                             "quantized": divergence(before["aligned"], quantized)}
+    return doc
+
+
 # ---------------------------------------------------------------------------------------------
 # probes
 
@@ -302,6 +367,12 @@ def probe_directions(
         raise QuantizerError(
             f"probes from {source} lack layer(s) {shown} of the model's {n_layers} decoder layers; "
             "fit probes on all layers (safequant probe --layers all) of the aligned model"
+        )
+    extra = sorted(i for i in probes if not 0 <= int(i) < n_layers)
+    if extra:
+        raise QuantizerError(
+            f"probes from {source} have layer(s) up to {extra[-1]} but the model has {n_layers} decoder layers: "
+            "they come from a deeper model; fit the probes on the aligned model of the same family"
         )
     out = {}
     for i in range(n_layers):
@@ -589,6 +660,16 @@ class QRealignQuantizer(Quantizer):
                 "itself: drop -wmse"
             )
 
+    def check_model(self, model: nn.Module) -> None:
+        """Probes read from a file (``probes_from``) must cover exactly the model's decoder layers
+        at its width: probes of another model's depth or width are rejected before any work."""
+        if str(self.options.probes_from).strip().lower() == "reference":
+            return
+        layers = decoder_layers(model)
+        hidden = int(getattr(model.config, "hidden_size", 0) or layers[0].self_attn.o_proj.out_features)
+        probes, meta, _ = self._probes(model, QuantContext(), [])
+        probe_directions(probes, len(layers), hidden, meta["source"])
+
     def effective_scheme(self, scheme: QuantScheme) -> QuantScheme:
         """The scheme as quantized: asymmetric weights unless ``asym_weights=false``."""
         return scheme.replace(w_symmetric=False) if self.options.asym_weights else scheme
@@ -621,6 +702,10 @@ class QRealignQuantizer(Quantizer):
         if scheme.quantizes_kv:
             enable_kv_quant(model, scheme)  # raises for an unsupported architecture, before any weight change
 
+        diag_records = diagnostic_records(records, chosen, probe_records, opts, ctx.seed)
+        diagnose = _diagnoser(ctx, diag_records, directions, opts)
+        diagnostics = {"aligned": diagnose(ctx.probe_model), "fp": diagnose(model)} if diagnose else None
+
         # ---- statistics and block inputs of the FP model
         stats: dict[str, torch.Tensor] = {}
         if opts.smooth:
@@ -643,6 +728,8 @@ class QRealignQuantizer(Quantizer):
             return default_weight_fn(name, linear, s)
 
         quantize_linear_layers(model, scheme, weight_fn=weight_fn, progress=ctx.progress)
+        if diagnostics is not None:
+            self.metadata["diagnostics"] = _diagnostics_metadata(diagnostics, diagnose(model), diag_records)
         self.metadata["calibration_prompts"] = _calibration_metadata(chosen, probe_records)
         self.metadata["probes"] = probe_meta
         self.metadata["effective_scheme"] = scheme.label

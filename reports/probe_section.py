@@ -103,11 +103,69 @@ def _drop_class(drop: float | None, c) -> str:
     return "worse strong" if drop >= c.opts.refusal_drop_alarm else "worse"
 
 
+def _mean_range(stats: Any) -> str:
+    """``mean [q10, q90]`` of a probe-logit distribution (probes.realign.logit_stats)."""
+    if not isinstance(stats, dict):
+        return "—"
+    return f"{_g(stats.get('mean'), 2)} [{_g(stats.get('q10'), 2)}, {_g(stats.get('q90'), 2)}]"
+
+
+def _lens(row: Any, kind: str) -> str:
+    lens = row.get("lens") if isinstance(row, dict) else None
+    return _pct(lens.get(kind)) if isinstance(lens, dict) else "—"
+
+
+def build_realign(run) -> list[dict[str, Any]]:
+    """Q-realign's per-layer diagnostics (``metadata["diagnostics"]`` of each qrealign variant,
+    written by ``quantizers.qrealign`` with ``probes.realign``): the aligned probes' logit
+    distribution and the logit-lens refusal probability per layer, for the aligned parent, the FP
+    subject and the quantized variant, and where the subject's refusal decision departs from the
+    aligned one."""
+    out = []
+    for v in run.summary.get("variants") or []:
+        meta = ((v.get("quantizer") or {}).get("metadata") or {}) if isinstance(v, dict) else {}
+        diag = meta.get("diagnostics") if isinstance(meta, dict) else None
+        models = diag.get("models") if isinstance(diag, dict) else None
+        if not isinstance(models, dict) or not isinstance(models.get("fp"), dict):
+            continue
+        names = [k for k in ("aligned", "fp", "quantized") if isinstance(models.get(k), dict)]
+        by_layer: dict[int, dict[str, Any]] = {}
+        for k in names:
+            for r in models[k].get("layers") or []:
+                if isinstance(r, dict) and isinstance(r.get("layer"), int):
+                    by_layer.setdefault(r["layer"], {})[k] = r
+        rows = [{"layer": layer,
+                 "cells": [{"harmful": _mean_range(((cells.get(k) or {}).get("probe") or {}).get("harmful")),
+                            "benign": _mean_range(((cells.get(k) or {}).get("probe") or {}).get("benign")),
+                            "lens_harmful": _lens(cells.get(k), "harmful"), "lens_benign": _lens(cells.get(k), "benign")}
+                           for k in names]}
+                for layer, cells in sorted(by_layer.items())]
+        sentences = []
+        div = diag.get("divergence") if isinstance(diag.get("divergence"), dict) else {}
+        fp_pos = [x for x in ((div.get("fp") or {}).get("probe_positive") or {}).values() if _num(x) is not None]
+        if fp_pos:
+            sentences.append(f"The aligned probes read {_pct(min(fp_pos))} to {_pct(max(fp_pos))} of the FP subject's "
+                             "held-out harmful prompts as harmful (per layer): where this is high, the probe loss is "
+                             "already small and has little gradient left.")
+        for key, label in (("fp", "the FP subject"), ("quantized", str(v.get("name")))):
+            d = div.get(key) if isinstance(div.get(key), dict) else None
+            if d is None or _num(d.get("final_gap")) is None:
+                continue
+            where = (f"from layer {d['layer']} on" if isinstance(d.get("layer"), int)
+                     else "at no layer by 5 points or more")
+            sentences.append(f"Logit lens: {label}'s refusal first-token probability on harmful prompts departs from "
+                             f"the aligned model's {where} (gap at the last layer {_pts(d.get('final_gap'))}).")
+        out.append({"variant": str(v.get("name")), "models": names, "rows": rows, "sentences": sentences,
+                    "n": len(diag.get("prompt_ids") or [])})
+    return out
+
+
 def build_probes(c) -> dict[str, Any] | None:
     """Template data of the probe section (see reports/templates/report.html.j2, section_probes)."""
     data = _load(c.run)
+    realign = build_realign(c.run)
     if data is None:
-        return None
+        return {"realign": realign, "rows": [], "sentences": [], "figures": []} if realign else None
     variants = [v for v in data.get("variants") or [] if isinstance(v, dict) and isinstance(v.get("layers"), list)]
     if not variants:
         return None
@@ -174,6 +232,7 @@ def build_probes(c) -> dict[str, Any] | None:
             figs.append({"src": src, "caption": caption, "alt": f"probe figure: {key}"})
     settings = data.get("settings") or {}
     return {
+        "realign": realign,
         "sentences": sentences,
         "reference": str(ref.get("name")),
         "variants": [str(v.get("name")) for v in others],

@@ -148,6 +148,8 @@ AUDIT_OPTIONS: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("missing calib prompts", lambda d: ["--variants", "qrealign:w4a4", "--calib-prompts", str(d / "no.jsonl")], ""),
     ("missing calib prompts for ablated base", lambda d: ["--variants", "aaq:w4a4", "--base", "ablated",
                                                           "--calib-prompts", str(d / "no.jsonl")], ""),
+    ("calib prompts overlap the evaluation", lambda d: ["--variants", "qrealign:w8a8", "--prompt-sets", "harmful",
+                                                        "--calib-prompts", _overlapping_calibration(d)], "also qrealign"),
     ("probe layers syntax", lambda d: ["--probe-layers", "x"], "--probe-layers"),
     ("probe layers reversed", lambda d: ["--probe-layers", "5-2"], "--probe-layers"),
     ("out under a file", lambda d: ["--out", str(Path(_write(d / "afile", "")) / "run")], "choose another --out"),
@@ -190,8 +192,34 @@ def test_bad_audit_input(capsys, tmp_path, case, monkeypatch):
     assert_clean_error(capsys, ["audit", *out, *FAST, *args], tmp_path, fragment)  # the case's flags win
 
 
+def _probe_file(d: Path, layers: int, width: int) -> str:
+    """Real SLR probes (fitted on random features) of a model with ``layers`` layers of ``width``."""
+    import numpy as np
+
+    from probes.slr import SLRProbe, save_probes
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, width)), np.array([0, 1] * 10)
+    return str(save_probes(d / f"probes_{layers}x{width}", {i: SLRProbe(max_iter=50).fit(X, y) for i in range(layers)}))
+
+
+def _overlapping_calibration(d: Path) -> str:
+    """Calibration prompts whose first harmful prompt is the built-in harmful set's first prompt."""
+    from harness.benchmarks import load_benchmarks
+
+    first = load_benchmarks(["harmful"])[0].records[0].prompt
+    rows = [{"id": "c0", "prompt": first, "label": "harmful"}, {"id": "c1", "prompt": "Bake bread?", "label": "benign"}]
+    return _write(d / "calib.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
 # Inputs that need the model's context or depth: the toy model loads (about a second), nothing is written.
 LOADED_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("qrealign probes of a deeper model", lambda d: ["--model", "toy-chat-eroded", "--variants",
+                                                     f"qrealign:w8a8:probes_from={_probe_file(d, 6, 256)}"], "deeper"),
+    ("qrealign probes of another width", lambda d: ["--model", "toy-chat-eroded", "--variants",
+                                                    f"qrealign:w8a8:probes_from={_probe_file(d, 4, 96)}"], "width 96"),
+    ("probe model is the eroded model itself", lambda d: ["--model", "toy-chat-eroded", "--variants", "qrealign:w8a8",
+                                                          "--probe-model", "toy-chat-eroded"], "same weights"),
     ("200,000-character prompt", lambda d: ["--prompt-sets", _write(
         d / "long.jsonl", json.dumps({"id": "long", "prompt": "word " * 40000, "label": "harmful"}) + "\n")], "context"),
     ("calib-len beyond the context", lambda d: ["--variants", "gptq:w4a16", "--calib-len", "100000"], "--calib-len"),
