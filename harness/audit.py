@@ -38,7 +38,6 @@ from harness.config import AuditConfig, VariantSpec
 from harness.errors import UserError
 from harness.generation import Backend, GenerationSettings, HFBackend, chat_prompt
 from harness.benchmarks import WIKITEXT2_TEST, describe_sets, find_data_file, load_benchmarks
-from harness.first_token import first_token_refusal_prob
 from harness.judges.validation import load_error_profiles
 from harness.judges import get_judges, judge_all
 from harness.models import (SMOL_FAMILY, LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model,
@@ -230,7 +229,7 @@ class Audit:
         engine = _LazyBackend(lambda: self._open_backend(spec, variant, subject))
         try:
             for ps in self.prompt_sets:
-                set_rows = self._generate_set(model, engine, subject.tokenizer, spec, ps, work)
+                set_rows = self._generate_set(engine, subject.tokenizer, spec, ps, work)
                 rows.extend(set_rows)
                 counts[ps.name] = _count(set_rows)
         finally:
@@ -276,8 +275,7 @@ class Audit:
                                        dtype=dtype_name(variant.model), seed=self.config.seed, settings=self.vllm,
                                        trust_remote_code=self.config.trust_remote_code)
 
-    def _generate_set(self, model, engine: _LazyBackend, tokenizer, spec: VariantSpec, ps: PromptSet,
-                      work) -> list[dict]:
+    def _generate_set(self, engine: _LazyBackend, tokenizer, spec: VariantSpec, ps: PromptSet, work) -> list[dict]:
         inputs = {rec.id: input_sha(rec) for rec in ps.records}
         # A cached row counts only for the same prompt text: an edited prompt is generated again.
         done = {r["id"]: r for r in work.rows(ps.name) if r.get("input_sha") == inputs.get(r["id"])}
@@ -308,8 +306,8 @@ class Audit:
 
             first_token: dict[str, float] = {}
             if self.config.first_token:
-                probs = first_token_refusal_prob(model, tokenizer, [r.prompt for r in todo], self.gen.batch_size,
-                                                 system_prompt=self.gen.system_prompt)
+                # on the variant's backend: vLLM scores the runtime's first token, hf the torch model's
+                probs = engine.get().first_token_refusal_prob(tokenizer, [r.prompt for r in todo], self.gen)
                 first_token = {r.id: p for r, p in zip(todo, probs, strict=True)}
             engine.get().generate(tokenizer, [r.prompt for r in todo], self.gen, on_batch=save)
             done.update({r["id"]: r for r in work.rows(ps.name) if r.get("input_sha") == inputs.get(r["id"])})

@@ -45,6 +45,10 @@ class Backend(Protocol):
                  on_batch: OnBatch | None = None, progress: bool = True) -> list[str]:
         """Greedy responses to ``prompts`` in order, reported through ``on_batch`` as they arrive."""
 
+    def first_token_refusal_prob(self, tokenizer: Any, prompts: Sequence[str],
+                                 settings: GenerationSettings) -> list[float]:
+        """P(first assistant token opens a refusal) per prompt (:mod:`harness.first_token`)."""
+
     def describe(self) -> dict:
         """The provenance record of the runtime (summary.json ``variants[].backend``)."""
 
@@ -63,6 +67,13 @@ class HFBackend:
                  on_batch: OnBatch | None = None, progress: bool = True) -> list[str]:
         return generate_responses(self.model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
                                   settings.system_prompt, on_batch=on_batch, progress=progress)
+
+    def first_token_refusal_prob(self, tokenizer: Any, prompts: Sequence[str],
+                                 settings: GenerationSettings) -> list[float]:
+        from harness.first_token import first_token_refusal_prob
+
+        return first_token_refusal_prob(self.model, tokenizer, prompts, settings.batch_size,
+                                        system_prompt=settings.system_prompt)
 
     def describe(self) -> dict:
         import transformers

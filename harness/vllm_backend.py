@@ -130,6 +130,24 @@ class VLLMBackend:
                 on_batch(start, decoded, cut)
         return responses
 
+    def first_token_refusal_prob(self, tokenizer: Any, prompts: Sequence[str],
+                                 settings: GenerationSettings) -> list[float]:
+        """:func:`harness.first_token.first_token_refusal_prob` computed by vLLM: the probability
+        mass of the refusal openings' first tokens at the first assistant position, from the
+        log-probabilities vLLM returns for exactly those ids (``logprob_token_ids``)."""
+        import math
+
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from harness.first_token import refusal_tokens
+
+        ids = list(refusal_tokens(tokenizer, system_prompt=settings.system_prompt).first_token_ids)
+        params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=ids, detokenize=False)
+        rows = prompt_token_ids(tokenizer, prompts, settings.system_prompt)
+        outputs = self.engine.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+        return [sum(math.exp(out.outputs[0].logprobs[0][t].logprob) for t in ids) for out in outputs]
+
     def describe(self) -> dict:
         return {"name": self.name, "vllm": self.version, "dtype": self.dtype, "weights": self.how,
                 "tensor_parallel_size": self.settings.tensor_parallel_size,

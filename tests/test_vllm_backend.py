@@ -82,6 +82,15 @@ def test_fp_responses_match_the_hf_backend(fp_engine, toy_chat):
     _agree(hf, vllm)
 
 
+def test_first_token_refusal_prob_matches_the_torch_forward(fp_engine, toy_chat):
+    from harness.first_token import first_token_refusal_prob
+
+    torch_probs = first_token_refusal_prob(toy_chat.model, toy_chat.tokenizer, PROMPTS)
+    vllm_probs = fp_engine.first_token_refusal_prob(toy_chat.tokenizer, PROMPTS, SETTINGS)
+    assert max(abs(a - b) for a, b in zip(torch_probs, vllm_probs, strict=True)) < 1e-3
+    assert max(torch_probs) > 0.5 > min(torch_probs)  # the prompts span refusals and answers
+
+
 def test_on_batch_and_hit_max_tokens(fp_engine, toy_chat, monkeypatch):
     import harness.vllm_backend as vb
 
@@ -141,4 +150,4 @@ def test_audit_simulation_against_shipped_export_on_vllm(tmp_path):
     same = sum(by["shipped"][k]["verdict"] == by["sim"][k]["verdict"] for k in by["sim"]) / len(by["sim"])
     assert same >= 0.98
     html = (run / "report.html").read_text()
-    assert 'id="flips-browser"' in html and "shipped" in html
+    assert 'id="flips-browser"' in html and "vllm (vllm" in html  # the variants table names each backend
