@@ -150,4 +150,5 @@ def test_audit_simulation_against_shipped_export_on_vllm(tmp_path):
     same = sum(by["shipped"][k]["verdict"] == by["sim"][k]["verdict"] for k in by["sim"]) / len(by["sim"])
     assert same >= 0.98
     html = (run / "report.html").read_text()
-    assert 'id="flips-browser"' in html and "vllm (vllm" in html  # the variants table names each backend
+    assert "<h3>shipped against sim" in html  # the head-to-head pair (and its flips, when there are any)
+    assert "vllm (vllm" in html  # the variants table names each variant's backend
