@@ -75,6 +75,12 @@ def artifact_format(path: str) -> str | None:
     return _resolve(path)[0]
 
 
+def artifact_path(path: str) -> Path:
+    """The file or folder an artifact variant reads: the ``.gguf`` file (also the one inside a
+    folder), or the Hugging Face folder."""
+    return _resolve(path)[1]
+
+
 def _resolve(path: str) -> tuple[str | None, Path]:
     """The format and the file or folder to read: a ``.gguf`` file, a folder holding exactly one
     (what `safequant export --format gguf` writes), or a Hugging Face folder."""

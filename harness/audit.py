@@ -31,12 +31,13 @@ import torch
 
 import harness
 from harness import quantize as variant_maker
+from harness.backends import (VLLMSettings, backend_key, check_backends, check_built, dtype_name,
+                              parse_backends)
 from harness.coherence import response_logprobs
 from harness.config import AuditConfig, VariantSpec
 from harness.errors import UserError
-from harness.generation import GenerationSettings, chat_prompt, generate_responses
+from harness.generation import Backend, GenerationSettings, HFBackend, chat_prompt
 from harness.benchmarks import WIKITEXT2_TEST, describe_sets, find_data_file, load_benchmarks
-from harness.first_token import first_token_refusal_prob
 from harness.judges.validation import load_error_profiles
 from harness.judges import get_judges, judge_all
 from harness.models import (SMOL_FAMILY, LoadedModel, ModelSource, fingerprint_model, load_model, resolve_model,
@@ -100,6 +101,11 @@ class Audit:
             evaluation=[(ps.name, r.id, r.prompt) for ps in self.prompt_sets for r in ps.records])
         self.config = config = dataclasses.replace(config, base=self.maker.base)  # "auto" as the model it names
         self.base_source = self.maker.base_source  # the base model the summary names (None: none or ablated)
+        self.backends = parse_backends(config.backend, self.variants)
+        self.vllm = VLLMSettings(config.tensor_parallel_size, config.pipeline_parallel_size,
+                                 config.gpu_memory_utilization)
+        self.vllm.check()
+        check_backends(self.backends, self.variants, self.maker.saved_infos)
         self.ppl = _ppl_settings(config, self.subject_source)
         self.ppl_text = load_text(self.ppl.source)
         self.judges = get_judges(config.judges)
@@ -211,7 +217,8 @@ class Audit:
         # the variant's name: it labels results, so the shared cache serves a renamed variant too.
         key = {"model": subject.fingerprint, "tokenizer": tokenizer_fingerprint(subject.tokenizer),
                "variant": {k: v for k, v in spec.describe().items() if k != "name"},
-               "variant_fingerprint": fingerprint, "generation": self.gen.key(),
+               "variant_fingerprint": fingerprint,
+               "generation": {**self.gen.key(), **backend_key(self.backends[spec.name], model)},
                "judges": [j.describe() for j in self.judges], "first_token": self.config.first_token,
                "seed": self.config.seed, "coherence": "fp_logprob"}
         work = self.store.variant_work(spec.name, key)
@@ -219,10 +226,14 @@ class Audit:
         t1 = time.perf_counter()
         rows: list[dict] = []
         counts: dict[str, dict] = {}
-        for ps in self.prompt_sets:
-            set_rows = self._generate_set(model, subject.tokenizer, spec, ps, work)
-            rows.extend(set_rows)
-            counts[ps.name] = _count(set_rows)
+        engine = _LazyBackend(lambda: self._open_backend(spec, variant, subject))
+        try:
+            for ps in self.prompt_sets:
+                set_rows = self._generate_set(engine, subject.tokenizer, spec, ps, work)
+                rows.extend(set_rows)
+                counts[ps.name] = _count(set_rows)
+        finally:
+            engine.close()
         ppl = work.get("perplexity")
         settings = {**self.ppl.key(), "text_sha256": hashlib.sha256(self.ppl_text.encode("utf-8")).hexdigest()}
         if not isinstance(ppl, dict) or ppl.get("settings") != settings or not isinstance(ppl.get("perplexity"), (int, float)):
@@ -232,6 +243,8 @@ class Audit:
         record = {
             **spec.describe(),
             "quantizer": variant.record,
+            "backend": engine.described or {"name": self.backends[spec.name],
+                                            "started": False, "why": "every response was reused from the cache"},
             "fingerprint": fingerprint,
             "quantize_seconds": round(quantize_seconds, 3),
             "eval_seconds": round(time.perf_counter() - t1, 3),
@@ -250,7 +263,19 @@ class Audit:
             del model
         return record, rows
 
-    def _generate_set(self, model, tokenizer, spec: VariantSpec, ps: PromptSet, work) -> list[dict]:
+    def _open_backend(self, spec: VariantSpec, variant, subject: LoadedModel) -> Backend:
+        """The generation backend of one variant: transformers on its torch model, or a vLLM engine
+        on its weights (started only when some prompt is not cached)."""
+        if self.backends[spec.name] == "hf":
+            return HFBackend(variant.model)
+        from harness.vllm_backend import VLLMBackend
+
+        check_built(spec, variant.model)
+        return VLLMBackend.for_variant(variant.model, spec.artifact, spec.method, subject,
+                                       dtype=dtype_name(variant.model), seed=self.config.seed, settings=self.vllm,
+                                       trust_remote_code=self.config.trust_remote_code)
+
+    def _generate_set(self, engine: _LazyBackend, tokenizer, spec: VariantSpec, ps: PromptSet, work) -> list[dict]:
         inputs = {rec.id: input_sha(rec) for rec in ps.records}
         # A cached row counts only for the same prompt text: an edited prompt is generated again.
         done = {r["id"]: r for r in work.rows(ps.name) if r.get("input_sha") == inputs.get(r["id"])}
@@ -281,11 +306,10 @@ class Audit:
 
             first_token: dict[str, float] = {}
             if self.config.first_token:
-                probs = first_token_refusal_prob(model, tokenizer, [r.prompt for r in todo], self.gen.batch_size,
-                                                 system_prompt=self.gen.system_prompt)
+                # on the variant's backend: vLLM scores the runtime's first token, hf the torch model's
+                probs = engine.get().first_token_refusal_prob(tokenizer, [r.prompt for r in todo], self.gen)
                 first_token = {r.id: p for r, p in zip(todo, probs, strict=True)}
-            generate_responses(model, tokenizer, [r.prompt for r in todo], self.gen.max_new_tokens,
-                               self.gen.batch_size, self.gen.system_prompt, on_batch=save)
+            engine.get().generate(tokenizer, [r.prompt for r in todo], self.gen, on_batch=save)
             done.update({r["id"]: r for r in work.rows(ps.name) if r.get("input_sha") == inputs.get(r["id"])})
         return [done[rec.id] for rec in ps.records]
 
@@ -350,6 +374,26 @@ class Audit:
         from reports import render
 
         render(self.run_dir)
+
+
+class _LazyBackend:
+    """A variant's generation backend, opened on first use (a vLLM engine costs seconds to minutes
+    to start, wasted when every row comes from the cache) and closed once."""
+
+    def __init__(self, open_backend) -> None:
+        self._open, self._backend = open_backend, None
+        self.described: dict | None = None
+
+    def get(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._open()
+            self.described = self._backend.describe()
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
 
 def input_sha(record) -> str:

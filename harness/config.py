@@ -188,6 +188,12 @@ class AuditConfig:
     probe_model: str = "auto"
     #: head-to-head comparisons `A=B` (A against B); the default pairs are added to these
     pairs: list[str] = field(default_factory=list)
+    #: generation backend: `hf` or `vllm` for every variant, `NAME=BACKEND` for one (harness/backends.py)
+    backend: list[str] = field(default_factory=lambda: ["hf"])
+    #: passed through to vLLM's engine (--backend vllm only)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
 
     #: Results cache shared by run directories: "auto" ($SAFEQUANT_CACHE_DIR, else
     #: $XDG_CACHE_HOME/safequant, else ~/.cache/safequant), a folder, or "none" to disable.

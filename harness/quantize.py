@@ -157,6 +157,11 @@ class VariantMaker:
         self.base_model = BaseReference(None, None)
         self.probe_model: nn.Module | None = None
 
+    @property
+    def saved_infos(self) -> dict[str, dict]:
+        """variant.json of each saved variant, by folder (read and checked when the maker was built)."""
+        return dict(self._saved)
+
     # -- after the subject loads ----------------------------------------------------------------
     def check_loaded(self, subject: LoadedModel) -> None:
         """Right after the subject loads, before any work: the checks that need it (calibration

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +33,42 @@ log = logging.getLogger(__name__)
 FORMATS = ("hf", "gguf", "compressed-tensors")
 EXPORT_FILE = "safequant_export.json"
 GGUF_FILE = "model.gguf"
+ACTIVATIONS_CLAUSE = "it quantizes activations"
+
+
+def inference_time_parts(structure: dict[str, Any]) -> str | None:
+    """What of a variant is computed at inference time rather than stored in its weights
+    (``variant.json``'s ``structure``), as a clause ("it quantizes the KV cache"), or None.
+
+    A runtime that only loads weights (an export, vLLM on the de-quantized weights) runs such a
+    variant as another scheme than the one audited; exports and ``--backend vllm`` refuse it.
+    """
+    linears = structure["quant_linears"]
+    acts = sorted(n for n, s in linears.items() if s["a_bits"] < 16)
+    if acts:
+        return f"{ACTIVATIONS_CLAUSE} (a{linears[acts[0]]['a_bits']} on {acts[0]} and {len(acts) - 1} more)"
+    transformed = sorted(n for n, s in linears.items() if s["input_transform"])
+    if transformed:
+        kind = linears[transformed[0]]["input_transform"].get("kind", "online transform")
+        return f"it applies an online input transform ({kind} on {transformed[0]}) at inference time"
+    attention = structure["attention"]
+    if any(a.get("kv") for a in attention.values()):
+        return "it quantizes the KV cache"
+    if any(a.get("qk_transform") for a in attention.values()):
+        return "it rotates queries and keys after RoPE at inference time"
+    return None
 
 
 def representable(info: dict[str, Any], fmt: str) -> str | None:
     """Why ``fmt`` cannot hold the variant described by ``info`` (variant.json), or None."""
     structure = info["structure"]
     linears = structure["quant_linears"]
-    acts = sorted(n for n, s in linears.items() if s["a_bits"] < 16)
-    if acts and fmt == "compressed-tensors":
-        return (f"it quantizes activations (a{linears[acts[0]]['a_bits']} on {acts[0]} and {len(acts) - 1} more) "
-                "with scale absmax / (2^(b-1) - 1), and compressed-tensors' dynamic activation scale is "
+    online = inference_time_parts(structure)
+    if online and fmt == "compressed-tensors" and online.startswith(ACTIVATIONS_CLAUSE):
+        return (f"{online} with scale absmax / (2^(b-1) - 1), and compressed-tensors' dynamic activation scale is "
                 "absmax / (2^b - 1) * 2: the runtime would round activations differently from the audited simulation")
-    if acts:
-        return (f"it quantizes activations (a{linears[acts[0]]['a_bits']} on {acts[0]} and {len(acts) - 1} more), "
-                f"which a {fmt} export does not carry: only weight-only schemes export there")
-    transformed = sorted(n for n, s in linears.items() if s["input_transform"])
-    if transformed:
-        kind = linears[transformed[0]]["input_transform"].get("kind", "online transform")
-        return (f"it applies an online input transform ({kind} on {transformed[0]}) at inference time, which no "
-                f"{fmt} runtime computes")
-    attention = structure["attention"]
-    if any(a.get("kv") for a in attention.values()):
-        return f"it quantizes the KV cache, which a {fmt} export does not carry"
-    if any(a.get("qk_transform") for a in attention.values()):
-        return f"it rotates queries and keys after RoPE at inference time, which no {fmt} runtime computes"
+    if online:
+        return f"{online}, which a {fmt} export does not carry: only weight-only schemes without online transforms export there"
     scheme = info.get("scheme_fields") or {}
     group = scheme.get("w_group_size")
     if fmt == "compressed-tensors":
@@ -144,6 +157,22 @@ def plain_linears(model):
             linear.bias = module.bias
         _set_submodule(model, name, linear)
     return model
+
+
+@contextmanager
+def plain_view(model):
+    """``model`` with every QuantLinear shown as the ``nn.Linear`` of :func:`plain_linears`, put
+    back when the block ends: a stock copy of its weights can be written without changing the
+    model the audit goes on using."""
+    from quantizers.modules import _set_submodule, iter_quant_linears
+
+    originals = list(iter_quant_linears(model))
+    plain_linears(model)
+    try:
+        yield model
+    finally:
+        for name, module in originals:
+            _set_submodule(model, name, module)
 
 
 def _write_hf(model, tokenizer, info: dict[str, Any], folder: Path) -> dict[str, Any]:

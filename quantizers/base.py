@@ -127,6 +127,10 @@ class Quantizer:
     #: True when the method calibrates on labelled prompts (``ctx.calibration_prompts``), e.g.
     #: Q-realign; the harness then keeps them disjoint from the evaluation prompts.
     uses_calibration_prompts: ClassVar[bool] = False
+    #: True when the quantized model transforms activations at inference time (online Hadamards,
+    #: post-RoPE rotations) for the schemes that quantize linears: a runtime that only loads weights
+    #: (an export, ``--backend vllm``) would run another model than the one audited.
+    online_transforms: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = self.parse_options(options)

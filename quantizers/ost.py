@@ -143,6 +143,7 @@ class OSTQuantizer(TransformQuantizer):
     """Learned rotations + scales (KL-top end to end), fused, then RTN/GPTQ weights."""
 
     name = "ost"
+    online_transforms = True
     description = "OSTQuant: learned orthogonal rotations + diagonal scales (KL-top loss), fused, then GPTQ/RTN"
     Options = OSTOptions
     requires_calibration = True

@@ -77,6 +77,7 @@ class QuaRotQuantizer(TransformQuantizer):
     """Fixed Hadamard rotations (fused + online), then RTN or GPTQ weights."""
 
     name = "quarot"
+    online_transforms = True
     description = "QuaRot: RMSNorm folding, random Hadamard rotations fused into the weights, online Hadamards"
     Options = QuaRotOptions
 

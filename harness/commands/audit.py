@@ -58,6 +58,16 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
                         "$XDG_CACHE_HOME/safequant or ~/.cache/safequant)")
     p.add_argument("--no-cache", dest="cache_dir", action="store_const", const="none",
                    help="use no cache outside the run directory")
+    g = p.add_argument_group("generation backend (docs/shipping.md)")
+    g.add_argument("--backend", nargs="+", metavar="BACKEND",
+                   help="hf (transformers on the fake-quantized model) or vllm (vLLM's engine on the variant's weights; "
+                        "weight-only variants, full precision and third-party folders) for every variant, "
+                        "NAME=BACKEND for one, e.g. --backend hf shipped=vllm (default hf)")
+    g.add_argument("--tensor-parallel-size", type=int, metavar="N", help="vLLM: GPUs per model replica (default 1)")
+    g.add_argument("--pipeline-parallel-size", type=int, metavar="N", help="vLLM: pipeline stages (default 1)")
+    g.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
+                   help="vLLM: fraction of GPU memory its engine may take; the audit's torch model shares the GPU "
+                        f"(default {d.gpu_memory_utilization})")
     add_variant_args(p)
 
 
@@ -70,7 +80,8 @@ def _audit_config(args: argparse.Namespace):
         "model", "base", "variants", "prompt_sets", "limit", "perplexity_text", "ppl_window", "ppl_stride",
         "ppl_max_tokens", "out", "max_new_tokens", "batch_size", "device", "dtype", "seed", "judges", "data_dir",
         "first_token", "bootstrap", "probes", "probe_layers", "system_prompt", "trust_remote_code", "report",
-        *CalibrationOptions.KEYS, "ablate_layer", "probe_model", "pairs", "cache_dir")}
+        *CalibrationOptions.KEYS, "ablate_layer", "probe_model", "pairs", "cache_dir", "backend",
+        "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")}
     config = config.with_overrides(overrides)
     if isinstance(config.base, str) and config.base.lower() == "none":
         config.base = None
