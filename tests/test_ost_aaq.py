@@ -131,13 +131,15 @@ def test_fused_engine_equals_the_parametrize_engine(method, toy_chat, toy_base, 
     curves, grads, outputs = {}, {}, {}
     for engine in ("parametrize", "fused"):
         frozen = {"steps": 4, "lr_rotation": 0, "lr_scale": 0}  # same transforms on all four batches
-        q = build_quantizer(method, {**frozen, "weights": "rtn", "engine": engine, "autocast": "off"})
+        q = build_quantizer(method, {**frozen, "weights": "rtn", "engine": engine, "autocast": "off",
+                                     "checkpoint": "true"})
         model = q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches, toy_base.model))
         curves[engine] = q.metadata["calibration"]["curves"]["loss"]
         with torch.no_grad():
             outputs[engine] = model(batches[1]).logits  # the fused, quantized variant
         for seed in (0, 1):  # two random Hadamard starting points
-            q = build_quantizer(method, {"steps": 1, "weights": "rtn", "engine": engine, "autocast": "off"})
+            q = build_quantizer(method, {"steps": 1, "weights": "rtn", "engine": engine, "autocast": "off",
+                                         "checkpoint": "true"})
             ctx = _ctx(toy_chat, batches, toy_base.model)
             ctx.seed = seed
             q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", ctx)
@@ -173,6 +175,23 @@ def test_fused_engine_without_checkpointing_is_the_same_computation(toy_chat, ba
         q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches))
         curves.append(q.metadata["calibration"]["curves"]["kl_top"])
     assert curves[0] == pytest.approx(curves[1], rel=1e-6)
+
+
+def test_checkpoint_auto_checkpoints_only_when_memory_needs_it(toy_chat):
+    from quantizers.fused_forward import available_memory_bytes, checkpoint_needed
+    from quantizers.transforms import model_parts
+
+    parts = model_parts(toy_chat.model)
+    needed, estimate = checkpoint_needed(parts, 4096, element_bytes=4, available=None)
+    assert needed and estimate > 0  # unknown free memory: checkpoint
+    assert checkpoint_needed(parts, 4096, element_bytes=4, available=4 * estimate) == (False, estimate)
+    assert checkpoint_needed(parts, 4096, element_bytes=4, available=estimate) == (True, estimate)
+    assert checkpoint_needed(parts, 8192, element_bytes=4, available=None)[1] == 2 * estimate
+    assert available_memory_bytes("cpu") > 0
+    assert build_quantizer("ost", {"checkpoint": "auto"}).options.checkpoint == "auto"
+    assert build_quantizer("ost", {"checkpoint": "false"}).options.checkpoint is False
+    with pytest.raises(QuantizerError, match="checkpoint"):
+        build_quantizer("ost", {"checkpoint": "sometimes"})
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a16g64", "w3a16"])
