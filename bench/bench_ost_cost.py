@@ -10,9 +10,13 @@ over ``--steps`` steps (the first step is dropped as warm-up). Jobs:
 * ``plain``: forward + backward of the model with trainable weights, cross-entropy on the tokens
   (no checkpointing): the step-time reference;
 * ``plain-ckpt``: the same with gradient checkpointing per decoder layer: the memory reference;
-* ``ost`` / ``aaq``: the fused engine (per-layer transforms, checkpointing, cached targets;
-  AAQ's base is a second copy of the checkpoint: the cost does not depend on its weights);
+* ``ost`` / ``aaq``: the fused engine with its defaults (per-layer transforms, ``checkpoint=auto``,
+  cached targets; AAQ's base is a second copy of the checkpoint: the cost does not depend on its
+  weights); ``ost-ckpt`` / ``ost-nockpt``: OST with checkpointing forced on / off;
 * ``ost-old``: ``engine=parametrize``, the path before the rework.
+
+``--jobs`` picks the jobs (plain first: the step ratios are to it). The memory model is fitted to
+``ost-ckpt`` (the configuration a model that does not fit without checkpointing runs).
 
 The memory model fits ``peak = a + b * L + c * T + e * L * T`` (L decoder layers kept, T tokens
 per step, bytes) to the fused OST job on truncated copies of the model, and extrapolates it to a
@@ -72,7 +76,18 @@ def _plain(model, batches, steps: int, checkpoint: bool) -> list[float]:
     return times
 
 
-def _transform(method: str, engine: str, model, tokenizer, batches, steps: int, name: str, layers: int | None):
+#: The transform jobs: ``job -> (method, options)`` on top of ``steps``, ``weights=rtn``, ``autocast=off``.
+TRANSFORM_JOBS = {
+    "ost": ("ost", {}),
+    "ost-ckpt": ("ost", {"checkpoint": "true"}),
+    "ost-nockpt": ("ost", {"checkpoint": "false"}),
+    "aaq": ("aaq", {}),
+    "ost-old": ("ost", {"engine": "parametrize"}),
+}
+JOBS = ("plain", "plain-ckpt", *TRANSFORM_JOBS)
+
+
+def _transform(method: str, options: dict, model, tokenizer, batches, steps: int, name: str, layers: int | None):
     from quantizers import QuantContext, build_quantizer
 
     base = None
@@ -81,7 +96,7 @@ def _transform(method: str, engine: str, model, tokenizer, batches, steps: int, 
     stamps: list[float] = []
     ctx = QuantContext(tokenizer=tokenizer, calibration_batches=batches, base_model=base, seed=0,
                        progress=lambda stage, i, n: stamps.append(time.process_time()) if stage == method else None)
-    q = build_quantizer(method, {"steps": steps, "weights": "rtn", "engine": engine, "autocast": "off"})
+    q = build_quantizer(method, {"steps": steps, "weights": "rtn", "autocast": "off", **options})
     q.apply(model, "w4a4kv4", ctx)
     return [b - a for a, b in zip(stamps, stamps[1:])], q.metadata
 
@@ -95,11 +110,12 @@ def child(args: argparse.Namespace) -> None:
     if args.job in ("plain", "plain-ckpt"):
         times = _plain(model, batches, args.steps, checkpoint=args.job == "plain-ckpt")[1:]
     else:
-        method, engine = ("ost", "parametrize") if args.job == "ost-old" else (args.job, "fused")
-        times, meta = _transform(method, engine, model, tokenizer, batches, args.steps, args.model, args.layers)
+        method, options = TRANSFORM_JOBS[args.job]
+        times, meta = _transform(method, options, model, tokenizer, batches, args.steps, args.model, args.layers)
     print(json.dumps({"job": args.job, "step_s": statistics.median(times), "steps_timed": len(times),
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "target_cache_bytes": meta.get("training", {}).get("target_cache_bytes")}))
+                      "target_cache_bytes": meta.get("training", {}).get("target_cache_bytes"),
+                      "checkpoint": meta.get("training", {}).get("checkpoint")}))
 
 
 def run_child(job: str, args: argparse.Namespace, *, layers: int | None = None, seq: int | None = None,
@@ -122,7 +138,7 @@ def fit_memory(args: argparse.Namespace, known: dict[tuple[int, int], float]) ->
         for seq in args.fit_seqs:
             key = (layers, args.batch * seq)
             if key not in points:
-                points[key] = float(run_child("ost", args, layers=layers, seq=seq, steps=2)["peak_rss"])
+                points[key] = float(run_child("ost-ckpt", args, layers=layers, seq=seq, steps=2)["peak_rss"])
             print(f"  fit point: L={key[0]} T={key[1]} peak={points[key] / GIB:.3f} GiB", flush=True)
     a = np.array([[1.0, L, T, L * T] for L, T in points])
     y = np.array(list(points.values()))
@@ -139,6 +155,8 @@ def main() -> None:
     ap.add_argument("--old-steps", type=int, default=2, help="steps of the slow pre-rework path")
     ap.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--jobs", nargs="+", default=["plain", "plain-ckpt", "ost", "aaq", "ost-old"], choices=JOBS,
+                    help="jobs to run, in order (plain first: the ratios are to it; plain-ckpt before the memory ratios)")
     ap.add_argument("--no-fit", action="store_true", help="skip the memory-model grid")
     ap.add_argument("--fit-layers", type=int, nargs="+", default=None,
                     help="decoder layers kept for the memory fit (default: a third and all)")
@@ -154,17 +172,21 @@ def main() -> None:
     print("| job | step (CPU s) | peak RSS (GiB) | step / plain | peak / plain-ckpt |")
     print("|---|---|---|---|---|")
     res = {}
-    for job in ("plain", "plain-ckpt", "ost", "aaq", "ost-old"):
+    for job in args.jobs:
         res[job] = r = run_child(job, args, steps=args.old_steps if job == "ost-old" else None)
         memory = f"{r['peak_rss'] / res['plain-ckpt']['peak_rss']:.2f}x" if "plain-ckpt" in res else "-"
         print(f"| {job} | {r['step_s']:.2f} | {r['peak_rss'] / GIB:.2f} | {r['step_s'] / res['plain']['step_s']:.2f}x | "
               f"{memory} |", flush=True)
-    old, new = res["ost-old"], res["ost"]
-    print(f"OST fused vs old: {old['step_s'] / new['step_s']:.1f}x faster per step, peak "
-          f"{new['peak_rss'] / GIB:.2f} GiB vs {old['peak_rss'] / GIB:.2f} GiB "
-          f"(targets cached: OST {new['target_cache_bytes'] / 2**20:.1f} MiB, AAQ {res['aaq']['target_cache_bytes'] / 2**20:.1f} MiB)")
+    if "ost-old" in res and "ost" in res:
+        old, new = res["ost-old"], res["ost"]
+        print(f"OST fused vs old: {old['step_s'] / new['step_s']:.1f}x faster per step, peak "
+              f"{new['peak_rss'] / GIB:.2f} GiB vs {old['peak_rss'] / GIB:.2f} GiB "
+              f"(targets cached: OST {new['target_cache_bytes'] / 2**20:.1f} MiB)")
+    print("checkpointing per job: " + ", ".join(f"{job} {r['checkpoint']}" for job, r in res.items()
+                                                if r.get("checkpoint") is not None))
     if args.no_fit:
         return
+    new = res.get("ost-ckpt") or run_child("ost-ckpt", args, steps=2)  # the memory model is the checkpointed one
     from harness.models import load_model
 
     config = load_model(args.model, device="cpu").model.config

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .base import QuantContext, QuantizerError, register_quantizer
-from .losses import SubsetTarget, contrast_diagnostic, contrastive_from_targets, contrastive_targets
+from .losses import Logits, SubsetTarget, contrast_diagnostic, contrastive_from_targets, contrastive_targets
 from .ost import OSTOptions, OSTQuantizer
 from .scheme import QuantScheme
 
@@ -124,7 +124,7 @@ class AAQQuantizer(OSTQuantizer):
         return targets, diagnostic
 
     def loss(
-        self, q_logits: torch.Tensor, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None
+        self, q_logits: Logits, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, Mapping[str, float]]:
         return contrastive_from_targets(q_logits, targets, alpha=self.options.alpha, attention_mask=attention_mask)
 

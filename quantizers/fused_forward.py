@@ -14,6 +14,12 @@ backward pass. Here instead (the SpinQuant way, Liu et al. 2024, arXiv:2405.1640
 * lm_head is not transformed: its input is, ``x (W M)^T == (x M^T) W^T`` with ``M`` the chain
   applied to the identity (tokens x d x d instead of vocab x d x d); a quantized-input lm_head
   (``noskip``) falls back to transforming the weight;
+* lm_head is not even run: the forward returns :class:`~quantizers.losses.HeadLogits` (the final
+  hidden state and the frozen head weight), and the loss evaluates the logits only at the K
+  tokens per position its subset KL looks at (positions x K x d instead of positions x vocab x d,
+  forward and backward; a full-vocabulary loss still gets them all);
+* the activation fake-quant of an input that several Linears read (q/k/v, gate/up) runs once
+  (``modules.shared_input_quant``);
 * rotations are evaluated once per forward (one Cayley map each) and handed to every layer as
   checkpoint inputs, so the recomputation sees exactly the tensors the forward saw;
 * optionally the transformed weights are fake-quantized with a straight-through estimator
@@ -37,7 +43,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import QuantizerError
 from .fake_quant import fake_quant_weight
-from .modules import QuantLinear
+from .losses import HeadLogits, Logits
+from .modules import QuantLinear, shared_input_quant
 from .scheme import QuantScheme
 from .transforms import (
     ModelParts,
@@ -50,7 +57,14 @@ from .transforms import (
     transformed,
 )
 
-__all__ = ["FusedTransformForward", "autocast_dtype"]
+__all__ = ["FusedTransformForward", "autocast_dtype", "available_memory_bytes", "checkpoint_needed",
+           "UNCHECKPOINTED_VECTORS_PER_TOKEN_LAYER"]
+
+#: Without checkpointing, what a fused step keeps per token per decoder layer until the backward
+#: pass, in vectors of ``hidden + intermediate`` elements of the compute dtype. Measured: 20.5 on
+#: SmolLM2-135M (fp32, W4A4KV4, 1,024 tokens per step: peak RSS 7.23 GiB uncheckpointed against
+#: 2.27 GiB checkpointed, over 30 layers; bench/bench_ost_cost.py jobs ost and ost-ckpt).
+UNCHECKPOINTED_VECTORS_PER_TOKEN_LAYER = 21.0
 
 Swap = tuple[nn.Module, str, torch.Tensor]
 
@@ -88,6 +102,36 @@ def autocast_dtype(device: torch.device | str, mode: str = "auto") -> torch.dtyp
     return None
 
 
+def available_memory_bytes(device: torch.device | str) -> int | None:
+    """Memory a step can still claim: free memory of a CUDA device, ``MemAvailable`` of the host
+    for a CPU (``/proc/meminfo``); None where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def checkpoint_needed(parts: ModelParts, tokens: int, *, element_bytes: int, available: int | None,
+                      share: float = 0.5) -> tuple[bool, int]:
+    """Whether to checkpoint each decoder layer: only when the activations an uncheckpointed step
+    keeps (:data:`UNCHECKPOINTED_VECTORS_PER_TOKEN_LAYER`, measured) would take more than ``share``
+    of the ``available`` memory (unknown: checkpoint). Returns ``(decision, estimated bytes)``.
+    Checkpointing recomputes every layer's forward (and its weight transforms) in the backward
+    pass; it changes no result, only time and memory."""
+    per_token_layer = UNCHECKPOINTED_VECTORS_PER_TOKEN_LAYER * (parts.hidden + parts.intermediate) * element_bytes
+    estimate = int(per_token_layer * tokens * len(parts.layers))
+    return available is None or estimate > share * available, estimate
+
+
 @contextlib.contextmanager
 def _swapped(swaps: Sequence[Swap]) -> Iterator[None]:
     """Let each module see ``tensor`` as its parameter ``name`` for the duration (restored after)."""
@@ -100,6 +144,23 @@ def _swapped(swaps: Sequence[Swap]) -> Iterator[None]:
     finally:
         for module, name, original in reversed(saved):
             module._parameters[name] = original
+
+
+@contextlib.contextmanager
+def _replaced(root: nn.Module, old: nn.Module, new: nn.Module, active: bool = True) -> Iterator[None]:
+    """Put ``new`` where ``old`` sits in ``root``'s module tree for the duration (``active``)."""
+    if not active:
+        yield
+        return
+    found = [(parent, name) for parent in root.modules() for name, child in parent.named_children() if child is old]
+    if not found:
+        raise QuantizerError(f"{type(old).__name__} is not a submodule of {type(root).__name__}")
+    parent, name = found[0]
+    setattr(parent, name, new)
+    try:
+        yield
+    finally:
+        setattr(parent, name, old)
 
 
 @contextlib.contextmanager
@@ -169,6 +230,9 @@ class FusedTransformForward:
             self._route(chain)
         #: per layer: (Linear whose weight is fake-quantized, the chain of that weight or None)
         self.quantized_weights = [self._quantized_in(li) for li in range(len(parts.layers))]
+        #: the head is left to the loss (HeadLogits): a plain Linear whose weight nothing transforms
+        self.head_to_loss = (type(parts.lm_head) is nn.Linear
+                             and not any(c.module is parts.lm_head for c in self.other_chains))
         self._matrices: list[torch.Tensor] = []
 
     def _route(self, chain: ParamChain) -> None:
@@ -218,7 +282,7 @@ class FusedTransformForward:
         def run(hidden: torch.Tensor, *matrices_and_args: Any, **kwargs: Any):
             n = len(self.rotations)
             matrices, args = matrices_and_args[:n], matrices_and_args[n:]
-            with _pinned(self.rotations, matrices), _swapped(self._layer_swaps(li)):
+            with _pinned(self.rotations, matrices), _swapped(self._layer_swaps(li)), shared_input_quant():
                 return forward(layer, hidden, *args, **kwargs)
 
         def patched(hidden: torch.Tensor, *args: Any, **kwargs: Any):
@@ -233,12 +297,16 @@ class FusedTransformForward:
         with _pinned(self.rotations, self._matrices):
             return _apply_to_rows(self.embed_chain, output)
 
-    def _head_hook(self, module: nn.Module, args: tuple) -> tuple:
-        d = module.weight.shape[1]
+    def _head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input times ``M^T``, so that the untransformed head computes ``x (W M)^T``."""
+        weight = self.parts.lm_head.weight
         with _pinned(self.rotations, self._matrices):
-            eye = torch.eye(d, dtype=module.weight.dtype, device=module.weight.device)
+            eye = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
             m = _apply_to_rows(self.head_chain, eye)  # W' = W M
-        return (args[0] @ m.T.to(args[0].dtype), *args[1:])
+        return x @ m.T.to(x.dtype)
+
+    def _head_hook(self, _module: nn.Module, args: tuple) -> tuple:
+        return (self._head_input(args[0]), *args[1:])
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[FusedTransformForward]:
@@ -250,7 +318,7 @@ class FusedTransformForward:
                 layer.forward = self._layer_forward(li, layer)
             if self.embed_chain is not None:
                 handles.append(self.parts.embed.register_forward_hook(self._embed_hook))
-            if self.head_chain is not None:
+            if self.head_chain is not None and not self.head_to_loss:
                 handles.append(self.parts.lm_head.register_forward_pre_hook(self._head_hook))
             if self.other_chains:
                 attach_chains(self.other_chains)
@@ -270,14 +338,20 @@ class FusedTransformForward:
         fuse_chains([c for chains in self.layer_chains for c in chains])
         fuse_chains([c for c in (self.embed_chain, self.head_chain) if c is not None])
 
-    def logits(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """The transformed (and fake-quantized) model's logits on one batch, with autograd."""
+    def logits(self, inputs: Mapping[str, Any]) -> Logits:
+        """The transformed (and fake-quantized) model's logits on one batch, with autograd: a
+        :class:`~quantizers.losses.HeadLogits` when the head is left to the loss, else a tensor."""
         self._matrices = [rot.weight for rot in self.rotations]  # one orthogonal map per rotation
         device_type = self.parts.embed.weight.device.type
         autocast = (torch.autocast(device_type, dtype=self.autocast) if self.autocast is not None
                     else contextlib.nullcontext())
-        with autocast, parametrize.cached():
-            return self.parts.model(**inputs, use_cache=False).logits.float()
+        head = self.parts.lm_head
+        with autocast, parametrize.cached(), _replaced(self.parts.model, head, nn.Identity(), self.head_to_loss):
+            out = self.parts.model(**inputs, use_cache=False).logits
+            if not self.head_to_loss:
+                return out.float()
+            hidden = self._head_input(out) if self.head_chain is not None else out
+        return HeadLogits(hidden, head.weight, head.bias)
 
     __call__ = logits
 

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from .errors import QuantizerError
 
 __all__ = [
+    "HeadLogits",
+    "Logits",
     "subset_log_probs",
     "subset_kl_from_log_probs",
     "subset_kl",
@@ -60,9 +62,69 @@ def _masked_mean(values: torch.Tensor, attention_mask: torch.Tensor | None) -> t
     return (values * mask).sum() / total
 
 
-def subset_log_probs(logits: torch.Tensor, index: torch.Tensor, *, renormalize: bool = True) -> torch.Tensor:
+class _HeadRows(torch.autograd.Function):
+    """``out[n, k] = hidden[n] . weight[index[n, k]]`` for a frozen ``weight`` ``[vocab, d]``: the
+    logits at K vocabulary entries per position, without the whole-vocabulary matmul. The forward
+    gathers the K weight rows of a few positions at a time (bounded memory); the backward is one
+    ``embedding_bag`` (``sum_k g[n, k] weight[index[n, k]]``), so nothing of size positions x K x d
+    is kept."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        n, k = index.shape
+        out = hidden.new_empty(n, k)
+        chunk = max(1, (1 << 24) // max(1, k * weight.shape[1]))  # ~64 MiB of gathered fp32 rows
+        for start in range(0, n, chunk):
+            rows = weight[index[start:start + chunk]]  # [chunk, K, d]
+            out[start:start + chunk] = torch.bmm(rows, hidden[start:start + chunk, :, None]).squeeze(-1)
+        ctx.save_for_backward(weight, index)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        weight, index = ctx.saved_tensors
+        grad = F.embedding_bag(index, weight, per_sample_weights=g.contiguous(), mode="sum")
+        return grad, None, None
+
+
+class HeadLogits:
+    """The trained model's logits as ``hidden @ weight.T (+ bias)``, evaluated only where a loss
+    looks: :meth:`at` gives the logits at a vocabulary subset per position (all a renormalised
+    subset KL needs), :meth:`full` all of them. For a frozen lm_head this replaces a
+    positions x vocabulary x d matmul (and its backward) by positions x K x d."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        if weight.requires_grad:
+            raise QuantizerError("HeadLogits needs a frozen lm_head weight (its gradient is not computed)")
+        self.hidden = hidden.float()
+        self.weight = weight.detach().float()
+        self.bias = None if bias is None else bias.detach().float()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+
+    def at(self, index: torch.Tensor) -> torch.Tensor:
+        """Logits at ``index`` ``[..., K]`` (the positions' leading shape), float32."""
+        lead, d = self.hidden.shape[:-1], self.hidden.shape[-1]
+        flat = index.reshape(-1, index.shape[-1]).long()
+        out = _HeadRows.apply(self.hidden.reshape(-1, d), self.weight, flat).reshape(*lead, index.shape[-1])
+        return out if self.bias is None else out + self.bias[index.long()]
+
+    def full(self) -> torch.Tensor:
+        return F.linear(self.hidden, self.weight, self.bias)
+
+
+Logits = torch.Tensor | HeadLogits
+
+
+def subset_log_probs(logits: Logits, index: torch.Tensor, *, renormalize: bool = True) -> torch.Tensor:
     """``log p^S`` at the vocabulary subset ``index`` ``[..., K]``: the log-softmax of the gathered
     logits (``renormalize``), or the full-vocabulary log-softmax gathered at S."""
+    if isinstance(logits, HeadLogits):
+        if renormalize:
+            return F.log_softmax(logits.at(index), dim=-1)
+        logits = logits.full()
     logits = logits.float()
     if renormalize:
         return F.log_softmax(logits.gather(-1, index), dim=-1)
@@ -70,7 +132,7 @@ def subset_log_probs(logits: torch.Tensor, index: torch.Tensor, *, renormalize: 
 
 
 def subset_kl_from_log_probs(
-    log_p: torch.Tensor, q_logits: torch.Tensor, index: torch.Tensor, *, renormalize: bool = True
+    log_p: torch.Tensor, q_logits: Logits, index: torch.Tensor, *, renormalize: bool = True
 ) -> torch.Tensor:
     """Per-position ``KL(p^S || p_q^S)`` from the target's cached subset log-probabilities ``log_p``
     (:func:`subset_log_probs`): all a frozen model has to leave behind for the loss."""
@@ -123,7 +185,7 @@ class SubsetTarget:
     def of(cls, logits: torch.Tensor, index: torch.Tensor, renormalize: bool) -> SubsetTarget:
         return cls(index.to(torch.int32), subset_log_probs(logits, index, renormalize=renormalize), renormalize)
 
-    def kl(self, q_logits: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def kl(self, q_logits: Logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``KL(p^S || p_q^S)`` averaged over the unmasked positions."""
         if tuple(self.index.shape[:-1]) != tuple(q_logits.shape[:-1]):
             raise QuantizerError(
@@ -147,7 +209,7 @@ def kl_top_targets(ref_logits: torch.Tensor, *, k: int = 500, renormalize: bool 
 
 
 def kl_top_from_targets(
-    q_logits: torch.Tensor, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None = None
+    q_logits: Logits, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KL-top from cached targets (:func:`kl_top_targets`): ``(loss, {"kl_top": value})``."""
     loss = targets["top"].kl(q_logits, attention_mask)
@@ -202,7 +264,7 @@ def contrastive_targets(
 
 
 def contrastive_from_targets(
-    q_logits: torch.Tensor,
+    q_logits: Logits,
     targets: Mapping[str, SubsetTarget],
     *,
     alpha: float = 0.75,

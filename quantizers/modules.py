@@ -19,9 +19,11 @@ re-quantizing already-quantized states would not be idempotent).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,7 @@ from .scheme import QuantScheme
 
 __all__ = [
     "QuantLinear",
+    "shared_input_quant",
     "WeightFn",
     "default_weight_fn",
     "quantize_linear_layers",
@@ -104,6 +107,24 @@ def online_transform_from_spec(spec: dict) -> OnlineTransform:
             "install the safequant version that wrote it"
         )
     return _ONLINE_TRANSFORMS[kind].from_spec(spec)
+
+
+#: The last input quantized inside :func:`shared_input_quant` (None outside it): one slot, so no
+#: more than one layer input and its quantized copy are kept alive by the memo.
+_SHARED_INPUT: ContextVar[list | None] = ContextVar("safequant_shared_input", default=None)
+
+
+@contextlib.contextmanager
+def shared_input_quant() -> Iterator[None]:
+    """Inside, :class:`QuantLinear` layers that read the very same input tensor (q/k/v read one
+    normed hidden state, gate/up another) with equal activation settings and input transform
+    quantize it once and share the result (also in autograd): the same values, computed once
+    instead of three or two times. The memo holds only the latest input and is dropped on exit."""
+    token = _SHARED_INPUT.set([None])
+    try:
+        yield
+    finally:
+        _SHARED_INPUT.reset(token)
 
 
 class QuantLinear(nn.Module):
@@ -187,10 +208,18 @@ class QuantLinear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The layer input as the matmul sees it: transformed, then per-token fake-quantized."""
+        memo = _SHARED_INPUT.get()
+        if memo is not None:
+            key = (x._version, id(self.input_transform), self.a_bits, self.a_symmetric, self.a_clip_ratio)
+            if memo[0] is not None and memo[0][0] is x and memo[0][1] == key:
+                return memo[0][2]
+        original = x
         if self.input_transform is not None:
             x = self.input_transform(x)
         if self.a_bits < 16:
             x = fake_quant_activation(x, self.a_bits, symmetric=self.a_symmetric, clip_ratio=self.a_clip_ratio)
+        if memo is not None:
+            memo[0] = (original, key, x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

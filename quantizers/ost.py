@@ -41,8 +41,8 @@ from torch.nn.utils import parametrize
 
 from .base import QuantContext, QuantizerError, register_quantizer
 from .calibration import DivergenceGuard, model_inputs, run_calibration
-from .fused_forward import FusedTransformForward, autocast_dtype
-from .losses import SubsetTarget, kl_top_from_targets, kl_top_targets
+from .fused_forward import FusedTransformForward, autocast_dtype, available_memory_bytes, checkpoint_needed
+from .losses import Logits, SubsetTarget, kl_top_from_targets, kl_top_targets
 from .modules import quantize_linear_layers
 from .quarot import hadamard_rotations
 from .scheme import QuantScheme
@@ -89,7 +89,8 @@ class OSTOptions(WeightStepOptions):
     inside its forward, ``quantizers.fused_forward``; the default) or ``parametrize`` (every
     weight of the model through ``torch.nn.utils.parametrize`` on every step: the pre-rework path,
     kept as the reference the fused one is tested against). ``checkpoint``: gradient checkpointing
-    per decoder layer (fused engine). ``autocast``: ``auto`` (bf16 where the hardware multiplies
+    per decoder layer (fused engine): ``auto`` (only when an uncheckpointed step's activations would
+    take more than half the free memory, ``fused_forward.checkpoint_needed``), true, false. ``autocast``: ``auto`` (bf16 where the hardware multiplies
     bf16 natively, else fp32), ``bf16``, ``off``. ``ste_weights``: train against fake-quantized
     weights with a straight-through estimator (``auto``: on for schemes that quantize weights but
     not activations, where nothing else would give the transforms a training signal; off
@@ -108,7 +109,7 @@ class OSTOptions(WeightStepOptions):
     guard_factor: float = 3.0
     guard_action: Literal["stop", "error"] = "stop"
     engine: Literal["fused", "parametrize"] = "fused"
-    checkpoint: bool = True
+    checkpoint: bool | Literal["auto"] = "auto"
     autocast: Literal["auto", "bf16", "off"] = "auto"
     ste_weights: Literal["auto", "on", "off"] = "auto"
 
@@ -182,7 +183,7 @@ class OSTQuantizer(TransformQuantizer):
         return kl_top_targets(logits["ref"], k=self.options.k), {}
 
     def loss(
-        self, q_logits: torch.Tensor, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None
+        self, q_logits: Logits, targets: Mapping[str, SubsetTarget], attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, Mapping[str, float]]:
         """KL-top between the frozen reference and the transformed, fake-quantized model."""
         return kl_top_from_targets(q_logits, targets, attention_mask)
@@ -254,7 +255,8 @@ class OSTQuantizer(TransformQuantizer):
 
         ste = self.trains_against_weights(scheme)
         autocast = autocast_dtype(device, opts.autocast)
-        engine = self._engine(parts, chains, scheme if ste else None, autocast)
+        use_checkpoint = self._checkpoint(parts, batches, device, autocast)
+        engine = self._engine(parts, chains, scheme if ste else None, autocast, use_checkpoint)
 
         def loss_fn(batch: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float]]:
             inputs = model_inputs(batch, device)
@@ -270,7 +272,7 @@ class OSTQuantizer(TransformQuantizer):
             )
         self.metadata["calibration"] = log_.to_dict()
         self.metadata["training"] = {
-            "engine": opts.engine, "checkpoint": opts.checkpoint and opts.engine == "fused",
+            "engine": opts.engine, "checkpoint": use_checkpoint,
             "autocast": "bf16" if autocast is not None else "off (fp32)", "ste_weights": ste,
             "target_cache_bytes": sum(t.nbytes for batch in targets for t in batch.values()),
         }
@@ -287,8 +289,24 @@ class OSTQuantizer(TransformQuantizer):
         self.weight_step(model, scheme, ctx)
         return model
 
+    def _checkpoint(self, parts: ModelParts, batches: list[Any], device: torch.device,
+                    autocast: torch.dtype | None) -> bool:
+        """Whether the fused engine checkpoints its layers (``checkpoint=auto``: when memory needs it)."""
+        mode = self.options.checkpoint
+        if self.options.engine != "fused":
+            return False
+        if mode != "auto":
+            return bool(mode)
+        tokens = max(int((b if isinstance(b, torch.Tensor) else b["input_ids"]).numel()) for b in batches)
+        element_bytes = (autocast or parts.embed.weight.dtype).itemsize
+        needed, estimate = checkpoint_needed(parts, tokens, element_bytes=element_bytes,
+                                             available=available_memory_bytes(device))
+        log.info("%s: %s gradient checkpointing (an uncheckpointed step keeps about %.2f GiB of activations)",
+                 self.name, "using" if needed else "no", estimate / 2**30)
+        return needed
+
     def _engine(self, parts: ModelParts, chains: list, weight_scheme: QuantScheme | None,
-                autocast: torch.dtype | None):
+                autocast: torch.dtype | None, use_checkpoint: bool):
         """``inputs -> logits`` of the transformed model, for the chosen engine."""
         if self.options.engine == "parametrize":
             def forward(inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -296,7 +314,7 @@ class OSTQuantizer(TransformQuantizer):
                     return _logits(parts.model, inputs)
             return forward
         return FusedTransformForward(parts, chains, weight_scheme=weight_scheme,
-                                     use_checkpoint=self.options.checkpoint, autocast=autocast)
+                                     use_checkpoint=use_checkpoint, autocast=autocast)
 
     @contextlib.contextmanager
     def _installed(self, engine, chains):

@@ -1,5 +1,6 @@
 """KL-top and AAQ's contrastive alignment loss against values computed by hand."""
 
+import copy
 import math
 
 import pytest
@@ -115,3 +116,35 @@ def test_contrast_diagnostic_by_hand():
     assert d["sdiff_abs_diff"] == pytest.approx((0.4 + 0.35) / 2)
     same = contrast_diagnostic(ft, ft, torch.tensor([[[0, 3]]]), k=2)
     assert same["tv"] == pytest.approx(0.0, abs=1e-7) and same["top1_differs"] == 0.0 and same["topk_differs"] == 0.0
+
+
+def test_head_logits_at_a_subset_equal_the_full_head_with_gradients(toy_chat):
+    """The loss-side lm_head (``HeadLogits``): logits and input gradients at K tokens per position
+    equal those of the whole-vocabulary head gathered there, and the subset KL is the same."""
+    from quantizers.losses import HeadLogits, kl_top_from_targets, kl_top_targets
+
+    head = copy.deepcopy(toy_chat.model.lm_head).requires_grad_(False)  # frozen, as in training
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, head.weight.shape[1], generator=g)
+    ref = kl_top_targets(torch.randn(2, 6, head.weight.shape[0], generator=g), k=9)
+    losses, grads = [], []
+    for fused in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        q = HeadLogits(h, head.weight) if fused else head(h)
+        if fused:
+            index = ref["top"].index
+            assert torch.allclose(q.at(index), head(hidden).gather(-1, index.long()), atol=1e-5)
+            assert q.shape == head(hidden).shape
+        loss, _ = kl_top_from_targets(q, ref)
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(h.grad)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert torch.allclose(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    # a loss over the whole vocabulary (no renormalisation) still gets every logit
+    full = kl_top_targets(torch.randn(2, 6, head.weight.shape[0], generator=g), k=9, renormalize=False)
+    a, _ = kl_top_from_targets(HeadLogits(hidden, head.weight), full)
+    b, _ = kl_top_from_targets(head(hidden).detach(), full)
+    assert float(a) == pytest.approx(float(b), rel=1e-5)
+    with pytest.raises(QuantizerError, match="frozen"):
+        HeadLogits(hidden, torch.nn.Parameter(head.weight.detach().clone()))

@@ -1,6 +1,7 @@
 """QuantLinear, Linear replacement, KV-cache quantization, the fp/rtn quantizers and the registry,
 on a tiny randomly initialised Llama."""
 
+import contextlib
 import copy
 import sys
 import textwrap
@@ -117,6 +118,34 @@ def test_quantlinear_input_transform():
     x = torch.randn(2, 3, 16)
     assert torch.allclose(ql(x), F.linear(fake_quant_activation(rot(x), 4), ql.weight))
     assert "input_transform.weight" in ql.state_dict()
+
+
+def test_linears_reading_one_input_quantize_it_once(monkeypatch):
+    """``shared_input_quant``: q/k/v-like layers reading the same tensor quantize it once, with the
+    values and input gradients of quantizing it three times; another input or other settings
+    (a different clip ratio, an input transform) are quantized on their own."""
+    import quantizers.modules as modules
+
+    torch.manual_seed(0)
+    scheme = QuantScheme.parse("w8a4")
+    layers = [QuantLinear.from_linear(nn.Linear(16, 8), scheme) for _ in range(3)]
+    other = QuantLinear.from_linear(nn.Linear(16, 8), scheme.replace(a_clip_ratio=0.9))
+    x0 = torch.randn(2, 3, 16)
+    calls = []
+    real = modules.fake_quant_activation
+    monkeypatch.setattr(modules, "fake_quant_activation", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
+    results = {}
+    for shared in (False, True):
+        calls.clear()
+        x = x0.clone().requires_grad_(True)
+        with modules.shared_input_quant() if shared else contextlib.nullcontext():
+            out = sum(layer(x).square().sum() for layer in layers) + other(x).sum() + layers[0](x.flip(0)).sum()
+        out.backward()
+        results[shared] = (float(out), x.grad, len(calls))
+    assert results[False][2] == 5 and results[True][2] == 3  # 3 shared + other settings + other input
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    assert torch.allclose(results[True][1], results[False][1], atol=1e-6)
+    assert modules._SHARED_INPUT.get() is None  # nothing kept after the block
 
 
 def test_quantlinear_custom_weight_shape_checked():

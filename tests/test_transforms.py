@@ -119,6 +119,9 @@ def test_online_hadamard_is_orthogonal_and_rebuilds_from_spec(size):
     x = torch.randn(3, 5, size)
     assert torch.equal(rebuilt(x), h(x))
     assert torch.allclose(h(x), x @ m.float(), atol=1e-5)
+    # a transposed (non-contiguous) input, as a weight moved by an earlier chain step is
+    w = torch.randn(size, 7).T
+    assert torch.allclose(h(w), h(w.contiguous()), atol=1e-6)
 
 
 def test_learnable_rotation_stays_orthogonal():
