@@ -184,8 +184,17 @@ class LLMCompressorQuantizer(Quantizer):
         out = Path(ctx.artifact_dir)
         log.info("llmcompressor %s: oneshot recipe %s on %d calibration batches -> %s", versions["llmcompressor"],
                  self.options.recipe, len(ctx.calibration_batches), out)
-        oneshot(model=model, tokenizer=ctx.tokenizer, dataset=_loader(ctx.calibration_batches), recipe=recipe,
-                output_dir=str(out), save_compressed=True)
+        # oneshot re-reads the config from disk (config.name_or_path) to refuse models another
+        # library quantized; a model loaded from a GGUF file or with merged adapters has no such
+        # folder, so it gets the in-memory config, written where the output will go.
+        out.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(out)
+        previous, model.config.name_or_path = model.config.name_or_path, str(out)
+        try:
+            oneshot(model=model, tokenizer=ctx.tokenizer, dataset=_loader(ctx.calibration_batches), recipe=recipe,
+                    output_dir=str(out), save_compressed=True)
+        finally:
+            model.config.name_or_path = previous
         saved_recipe = out / "recipe.yaml"
         self.metadata.update({
             "versions": versions, "recipe": self.options.recipe, "ignore": ignore,
