@@ -108,6 +108,11 @@ def config_groups(scheme: QuantScheme, *, actorder: str | None) -> dict[str, Any
     return {"group_0": group}
 
 
+def _quant_method(config: Any) -> str | None:
+    """``quant_method`` of a quantization config given as a dict or an object."""
+    return config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+
+
 def _loader(batches: Sequence[Any]):
     """safequant's calibration batches as the DataLoader ``oneshot`` takes as given (no shuffling,
     no re-tokenization): each batch a dict of ``input_ids`` and ``attention_mask``."""
@@ -152,6 +157,13 @@ class LLMCompressorQuantizer(Quantizer):
             raise QuantizerError(f"recipe smoothquant-gptq smooths activations for their quantization; scheme "
                                  f"{scheme.label!r} keeps them in full precision (use recipe=gptq, or e.g. w8a8)")
         llmcompressor_versions()  # the package must be there before any model loads
+        if recipe == "awq":
+            import torch
+
+            if not (torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())):
+                raise QuantizerError("recipe awq needs an accelerator: llmcompressor 0.14's AWQModifier pins its cached "
+                                     "activations in page-locked memory, which fails without one (RuntimeError: Cannot "
+                                     "access accelerator device); run it on a GPU machine or use recipe=gptq")
 
     def recipe(self, scheme: QuantScheme, ignore: list[str]) -> Any:
         """The recipe ``oneshot`` gets: llm-compressor modifiers for a named recipe, else the file."""
@@ -186,15 +198,23 @@ class LLMCompressorQuantizer(Quantizer):
                  self.options.recipe, len(ctx.calibration_batches), out)
         # oneshot re-reads the config from disk (config.name_or_path) to refuse models another
         # library quantized; a model loaded from a GGUF file or with merged adapters has no such
-        # folder, so it gets the in-memory config, written where the output will go.
+        # folder, so it gets the in-memory config, written where the output will go. A GGUF
+        # file's `quantization_config` (quant_method gguf) only says where the weights came from:
+        # transformers de-quantized them to floats at load, so the model is full precision.
+        config = model.config
+        gguf = getattr(config, "quantization_config", None)
+        gguf = gguf if _quant_method(gguf) == "gguf" else None
         out.mkdir(parents=True, exist_ok=True)
-        model.config.save_pretrained(out)
-        previous, model.config.name_or_path = model.config.name_or_path, str(out)
+        previous = config.name_or_path
         try:
+            if gguf is not None:
+                config.quantization_config = None
+            config.save_pretrained(out)
+            config.name_or_path = str(out)
             oneshot(model=model, tokenizer=ctx.tokenizer, dataset=_loader(ctx.calibration_batches), recipe=recipe,
                     output_dir=str(out), save_compressed=True)
         finally:
-            model.config.name_or_path = previous
+            config.name_or_path = previous
         saved_recipe = out / "recipe.yaml"
         self.metadata.update({
             "versions": versions, "recipe": self.options.recipe, "ignore": ignore,
