@@ -207,8 +207,9 @@ class LLMCompressorQuantizer(Quantizer):
         out.mkdir(parents=True, exist_ok=True)
         previous = config.name_or_path
         try:
-            if gguf is not None:
+            if gguf is not None:  # and its (non-serializable) GGUF quantizer would block the save
                 config.quantization_config = None
+                model.hf_quantizer = None
             config.save_pretrained(out)
             config.name_or_path = str(out)
             oneshot(model=model, tokenizer=ctx.tokenizer, dataset=_loader(ctx.calibration_batches), recipe=recipe,
