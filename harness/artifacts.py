@@ -64,6 +64,9 @@ GGUF_SCHEMES = {
     "Q2_K": ("w2a16g16-wasym", False), "Q3_K": ("w3a16g16", False), "Q4_K": ("w4a16g32-wasym", False),
     "Q5_K": ("w5a16g32-wasym", False), "Q6_K": ("w6a16g16", False),
 }
+#: What `safequant quantize` writes next to a library's own output (method, recipe, library
+#: versions, calibration, source model); :func:`describe_artifact` carries it as ``made_by``.
+MADE_BY_FILE = "safequant_quantize.json"
 #: Config fields an artifact must share with its parent (absent on both sides is fine).
 ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "intermediate_size", "vocab_size")
@@ -242,6 +245,12 @@ def describe_artifact(path: str) -> dict[str, Any]:
            "sha256": hashes[p.name] if p.is_file() else hashes}
     if p.is_file():
         out["bytes"] = p.stat().st_size
+    made_by = p / MADE_BY_FILE
+    if p.is_dir() and made_by.is_file():
+        try:
+            out["made_by"] = json.loads(made_by.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            log.warning("%s cannot be read (%s); provenance without it", made_by, exc)
     return out
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.prompts import PromptFootprint
-from harness.artifacts import ARTIFACT_METHODS, check_artifact, load_artifact
+from harness.artifacts import ARTIFACT_METHODS, check_artifact, load_artifact, quantization_of
 from harness.calibration_data import (CHAT_PREFIX, CalibrationOptions, calibration_text, load_calibration,
                                       load_calibration_prompts)
 from harness.config import VariantSpec
@@ -156,6 +156,7 @@ class VariantMaker:
         self._saved = {s.artifact: self._check_saved(s) for s in specs if s.artifact and s.method not in ARTIFACT_METHODS}
         self.base_model = BaseReference(None, None)
         self.probe_model: nn.Module | None = None
+        self._scratch: Any = None  # tempfile.TemporaryDirectory for methods that save their own format
 
     @property
     def saved_infos(self) -> dict[str, dict]:
@@ -191,14 +192,23 @@ class VariantMaker:
         if self.needs.prompts:
             self.probe_model = self._load_probe_model(subject)
 
-    def make(self, spec: VariantSpec, subject: LoadedModel) -> QuantizedVariant:
+    def make(self, spec: VariantSpec, subject: LoadedModel, *, consume_subject: bool = False,
+             artifact_dir: str | None = None) -> QuantizedVariant:
         """The variant ``spec`` of ``subject``: loaded from its folder, or a quantized copy of the
-        subject (``fp`` is the subject itself), with its record."""
+        subject (``fp`` is the subject itself), with its record.
+
+        ``consume_subject``: the caller no longer needs the full-precision subject (`safequant
+        quantize`), so a method that does not read the reference model quantizes it in place, with
+        no second full model in memory. ``artifact_dir``: where a method that saves its own format
+        (``writes_artifact``, e.g. llm-compressor) writes it; the folder is then the product and
+        is not loaded back. Without it the method writes to a scratch folder and the variant is
+        that folder loaded back through :func:`harness.artifacts.load_artifact`, so the audit
+        measures what the library saved."""
         if spec.method in ARTIFACT_METHODS:
             return load_artifact(spec.artifact, subject, device=self.settings.device, dtype=self.settings.dtype)
         if spec.artifact:
             return self._load_saved(spec.artifact, subject)
-        return self._quantize(spec, subject)
+        return self._quantize(spec, subject, consume_subject, artifact_dir)
 
     # -- the check step's parts -----------------------------------------------------------------
     def _check_overlap(self, calibration: list[dict], method: str, source: str) -> None:
@@ -274,16 +284,22 @@ class VariantMaker:
     def _load(self, source: ModelSource) -> LoadedModel:
         return load_model(source, self.settings.device, self.settings.dtype, self.settings.trust_remote_code)
 
-    def _quantize(self, spec: VariantSpec, subject: LoadedModel) -> QuantizedVariant:
-        """Quantize a copy of the subject (``fp`` returns the subject itself) and describe it."""
+    def _quantize(self, spec: VariantSpec, subject: LoadedModel, consume_subject: bool,
+                  artifact_dir: str | None) -> QuantizedVariant:
+        """Quantize a copy of the subject (``fp`` returns the subject itself; ``consume_subject``:
+        the subject in place) and describe it; see :meth:`make`."""
         from quantizers import QuantContext
 
         quantizer, needs, seed = self.quantizers[spec.name], Needs.of([spec]), self.settings.seed
+        in_place = spec.method == "fp" or (consume_subject and not quantizer.uses_reference_model)
         base = self.base_model if needs.base else BaseReference(None, None)
         calibration = None
-        ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=subject.model, base_model=base.model,
-                           device=next(subject.model.parameters()).device, seed=seed,
-                           probe_model=self.probe_model if needs.prompts else None,
+        scratch = None
+        if quantizer.writes_artifact and artifact_dir is None:
+            scratch = artifact_dir = self._scratch_folder(spec.name)
+        ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=None if in_place else subject.model,
+                           base_model=base.model, device=next(subject.model.parameters()).device, seed=seed,
+                           probe_model=self.probe_model if needs.prompts else None, artifact_dir=artifact_dir,
                            refusal_token_ids=_refusal_token_ids(subject, self.settings.system_prompt)
                            if needs.prompts else None)
         if needs.text:
@@ -294,10 +310,17 @@ class VariantMaker:
             ctx.calibration_prompts = load_calibration_prompts(self.calib.prompts)
             prompt_meta = {"source": self.calib.prompts, "ids": [r["id"] for r in ctx.calibration_prompts]}
         started = time.perf_counter()
-        model = subject.model if spec.method == "fp" else copy.deepcopy(subject.model)
+        model = subject.model if in_place else copy.deepcopy(subject.model)
         model = quantizer.apply(model, spec.scheme, ctx)
         model.eval()
         seconds = time.perf_counter() - started
+        shipped = None
+        if quantizer.writes_artifact:
+            _check_artifact_scheme(spec, quantization_of(artifact_dir)["scheme"])
+        if scratch is not None:  # the variant is what the library saved, loaded as an artifact
+            del model
+            shipped = load_artifact(scratch, subject, device=self.settings.device, dtype=self.settings.dtype)
+            model = shipped.model
         used = quantizer.metadata.get("calibration_prompts") if isinstance(quantizer.metadata, dict) else None
         if prompt_meta is not None and isinstance(used, dict) and used.get("ids"):
             prompt_meta["ids"] = list(used["ids"])  # the subset the method actually calibrated on
@@ -308,7 +331,18 @@ class VariantMaker:
             "seconds": round(seconds, 3),
             "source_model": {"spec": subject.source.spec, "fingerprint": subject.fingerprint},
         }
+        if shipped is not None:
+            record.update({k: shipped.record[k] for k in ("artifact", "provenance", "load_seconds")})
         return QuantizedVariant(model, seconds, record)
+
+    def _scratch_folder(self, name: str) -> str:
+        """A folder for a method's saved product, removed when the process ends (the variant is
+        loaded from it; a run that wants to keep it uses `safequant quantize --out`)."""
+        import tempfile
+
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="safequant-artifacts-")
+        return str(Path(self._scratch.name) / name)
 
     def _load_saved(self, path: str, subject: LoadedModel) -> QuantizedVariant:
         """A folder written by `safequant quantize`, on the subject's device and dtype."""
@@ -347,6 +381,22 @@ def _refusal_token_ids(subject: LoadedModel, system_prompt: str | None) -> tuple
     from harness.first_token import refusal_tokens
 
     return refusal_tokens(subject.tokenizer, system_prompt=system_prompt).first_token_ids
+
+
+def _check_artifact_scheme(spec: VariantSpec, produced: str) -> None:
+    """What a library saved must be the scheme the variant reports (a recipe file can say
+    anything): never audit one scheme under another's name."""
+    from dataclasses import replace
+
+    from quantizers import QuantizerError, QuantScheme
+
+    try:
+        made = QuantScheme.parse(produced)
+    except QuantizerError:
+        made = None
+    if made is None or made != replace(spec.scheme, skip=made.skip):
+        raise UserError(f"variant {spec.name}: {spec.method} saved a {produced} checkpoint, not the variant's scheme "
+                        f"{spec.scheme.label}: pass the scheme the recipe produces, e.g. :{produced}")
 
 
 def _check_source(path: str, info: dict, subject: LoadedModel) -> None:

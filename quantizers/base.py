@@ -53,7 +53,8 @@ ENTRY_POINT_GROUP = "safequant.quantizers"
 
 #: Modules of this package that hold built-in quantizers (imported lazily by the registry).
 #: Add the module of every new built-in method here.
-BUILTIN_MODULES: tuple[str, ...] = ("fp", "rtn", "gptq", "qrealign", "smoothquant", "quarot", "ost", "aaq")
+BUILTIN_MODULES: tuple[str, ...] = ("fp", "rtn", "gptq", "qrealign", "smoothquant", "quarot", "ost", "aaq",
+                                     "llmcompressor_plugin")
 
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -76,6 +77,7 @@ class QuantContext:
     them from its documented refusal openings); Q-realign's logit-lens diagnostics read them.
     ``progress(stage, done, total)``, if given, is handed to the loops that report how work
     advances (``run_calibration``, ``quantize_linear_layers``, GPTQ's layer loop).
+    ``artifact_dir``: the folder a quantizer with ``writes_artifact`` saves its product to.
     """
 
     tokenizer: Any = None
@@ -88,6 +90,7 @@ class QuantContext:
     device: str | torch.device = "cpu"
     seed: int = 0
     progress: ProgressCallback | None = None
+    artifact_dir: str | None = None
 
     def seed_everything(self) -> None:
         """Seed Python's and torch's generators with ``seed``."""
@@ -131,6 +134,13 @@ class Quantizer:
     #: post-RoPE rotations) for the schemes that quantize linears: a runtime that only loads weights
     #: (an export, ``--backend vllm``) would run another model than the one audited.
     online_transforms: ClassVar[bool] = False
+    #: True when :meth:`quantize` reads ``ctx.reference_model`` (the FP subject) while it changes
+    #: the model (OST, AAQ, Q-realign): the harness then never quantizes the subject in place.
+    uses_reference_model: ClassVar[bool] = False
+    #: True when the method's product is a Hugging Face folder it saves to ``ctx.artifact_dir``
+    #: (a third-party library's own format, e.g. llm-compressor's compressed-tensors): the harness
+    #: loads that folder back as the variant, so the audit measures what was saved.
+    writes_artifact: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = self.parse_options(options)

@@ -148,6 +148,7 @@ class OSTQuantizer(TransformQuantizer):
     description = "OSTQuant: learned orthogonal rotations + diagonal scales (KL-top loss), fused, then GPTQ/RTN"
     Options = OSTOptions
     requires_calibration = True
+    uses_reference_model = True  # the FP teacher's targets
     #: The logged loss terms the divergence guards watch (each against ``guard_factor``).
     guard_terms: ClassVar[tuple[str, ...]] = ("kl_top",)
     #: Keys of :meth:`batch_targets`' diagnostics logged with the loss terms at every step.

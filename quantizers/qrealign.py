@@ -647,6 +647,7 @@ class QRealignQuantizer(Quantizer):
     description = "block-wise LWC + smoothing calibration with a probe loss that restores refusals (Q-realign)"
     Options = QRealignOptions
     uses_calibration_prompts = True
+    uses_reference_model = True  # fits its probes on the FP model when no probe model is given
 
     def check(self, scheme: QuantScheme) -> None:
         if not scheme.quantizes_weights:

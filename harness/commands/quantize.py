@@ -46,14 +46,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     subject = load_model(source, args.device, args.dtype, args.trust_remote_code)
     variants.check_loaded(subject)
     variants.prepare(subject)
-    variant = variants.make(spec, subject)
+    command = shlex.join(["safequant", *sys.argv[1:]])
+    if quantizer.writes_artifact:  # a library's own format (llm-compressor): its folder is the product
+        return _save_artifact(variants, spec, subject, out, command, args.seed, started)
+    # the subject is not needed after this: quantized in place where the method allows it
+    variant = variants.make(spec, subject, consume_subject=True)
     record = variant.record
     path = save_variant(
         variant.model, out, tokenizer=subject.tokenizer, method=args.method, scheme=scheme,
         options=record["options"], metadata=record["metadata"], source=record["source_model"],
         calibration=record["calibration"], seconds=variant.seconds, overwrite=args.overwrite,
         extra={"calibration_prompts": record["calibration_prompts"], "base": record["base"],
-               "command": shlex.join(["safequant", *sys.argv[1:]]), "seed": args.seed},
+               "command": command, "seed": args.seed},
     )
     print(f"{args.method} {scheme.label}: quantized {subject.source.spec} in {variant.seconds:.1f} s "
           f"(total {time.perf_counter() - started:.1f} s)")
@@ -63,6 +67,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"  {stage.get('stage', 'calibration')}: {stage.get('steps_run')} steps, last "
               + ", ".join(f"{k}={v:.4g}" for k, v in last.items()) + early)
     print(f"saved: {path}")
+    return 0
+
+
+def _save_artifact(variants, spec, subject, out: Path, command: str, seed: int, started: float) -> int:
+    """Quantize with a method that saves its own format (``writes_artifact``) straight into
+    ``out`` (atomically), with what made it in ``safequant_quantize.json``; the folder is then
+    audited as a third-party artifact (`--variants NAME=DIR`, harness/artifacts.py)."""
+    import time
+
+    from common.files import atomic_folder, atomic_write_json
+    from harness.artifacts import MADE_BY_FILE, describe_artifact
+
+    with atomic_folder(out) as folder:
+        variant = variants.make(spec, subject, consume_subject=True, artifact_dir=str(folder))
+        record = variant.record
+        atomic_write_json(folder / MADE_BY_FILE, {
+            **{k: record[k] for k in ("method", "scheme", "options", "metadata", "calibration", "source_model",
+                                      "seconds")}, "command": command, "seed": seed})
+    quantization = describe_artifact(str(out))["quantization"]
+    print(f"{spec.method} {spec.scheme.label}: quantized {subject.source.spec} in {variant.seconds:.1f} s "
+          f"(total {time.perf_counter() - started:.1f} s); saved {quantization['type']} "
+          f"({quantization['scheme']})")
+    print(f"saved: {out} (audit it with --variants NAME={out})")
     return 0
 
 
