@@ -200,6 +200,8 @@ def load_model(
         hint = ("check the id, your network, or download it and pass the local folder"
                 if source.kind == "hub" else "check that the folder holds a complete model with safetensors weights")
         raise UserError(f"could not load model {source.spec!r}: {first_line} ({hint})") from None
+    if source.gguf_file:
+        _drop_gguf_marks(model)
     if source.adapters:
         from harness.lora import merge_lora
 
@@ -208,6 +210,16 @@ def load_model(
         model.to(dtype=torch_dtype)
     model.to(dev).eval()
     return LoadedModel(model, tokenizer, source, fingerprint_model(model, tokenizer))
+
+
+def _drop_gguf_marks(model: torch.nn.Module) -> None:
+    """transformers de-quantizes a GGUF file's tensors to floats at load, yet marks the model
+    GGUF-quantized (``hf_quantizer``, ``config.quantization_config``) and then refuses to save it.
+    The marks only say where the weights came from (the provenance records that), so they are
+    dropped here, once, rather than lifted by every consumer that saves (vLLM's folder, exports,
+    llm-compressor)."""
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
 
 
 def fingerprint_model(model: torch.nn.Module, tokenizer=None) -> str:

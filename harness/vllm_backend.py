@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import contextlib
 import os
 import shutil
 import tempfile
@@ -54,7 +53,7 @@ def weights_folder(variant_model: Any, artifact: str | None, method: str, subjec
 
     folder = Path(tempfile.mkdtemp(prefix="safequant-vllm-"))
     try:
-        with plain_view(variant_model) as plain, _gguf_marks_lifted(plain):
+        with plain_view(variant_model) as plain:
             plain.save_pretrained(folder)
         subject.tokenizer.save_pretrained(folder)  # vLLM loads one (its warm-up renders a chat); prompts come as ids
     except BaseException:
@@ -67,26 +66,6 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-@contextlib.contextmanager
-def _gguf_marks_lifted(model: Any):
-    """transformers marks a model read from a GGUF file (a GGUF artifact, the bundled SmolLM2
-    family) as GGUF-quantized and refuses to save it, though its weights are plain tensors, exactly
-    the file's de-quantized: for the block, the marks are lifted so they are written as a plain folder."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")).lower()
-    if quantizer is None or not method.endswith("gguf"):
-        yield model
-        return
-    config_mark = model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
-    try:
-        yield model
-    finally:
-        model.hf_quantizer = quantizer
-        if config_mark is not None:
-            model.config.quantization_config = config_mark
 
 
 class VLLMBackend:

@@ -108,11 +108,6 @@ def config_groups(scheme: QuantScheme, *, actorder: str | None) -> dict[str, Any
     return {"group_0": group}
 
 
-def _quant_method(config: Any) -> str | None:
-    """``quant_method`` of a quantization config given as a dict or an object."""
-    return config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
-
-
 def _loader(batches: Sequence[Any]):
     """safequant's calibration batches as the DataLoader ``oneshot`` takes as given (no shuffling,
     no re-tokenization): each batch a dict of ``input_ids`` and ``attention_mask``."""
@@ -198,18 +193,12 @@ class LLMCompressorQuantizer(Quantizer):
                  self.options.recipe, len(ctx.calibration_batches), out)
         # oneshot re-reads the config from disk (config.name_or_path) to refuse models another
         # library quantized; a model loaded from a GGUF file or with merged adapters has no such
-        # folder, so it gets the in-memory config, written where the output will go. A GGUF
-        # file's `quantization_config` (quant_method gguf) only says where the weights came from:
-        # transformers de-quantized them to floats at load, so the model is full precision.
+        # folder, so it gets the in-memory config, written where the output will go (a GGUF
+        # file's marks are dropped when it loads: harness.models._drop_gguf_marks).
         config = model.config
-        gguf = getattr(config, "quantization_config", None)
-        gguf = gguf if _quant_method(gguf) == "gguf" else None
         out.mkdir(parents=True, exist_ok=True)
         previous = config.name_or_path
         try:
-            if gguf is not None:  # and its (non-serializable) GGUF quantizer would block the save
-                config.quantization_config = None
-                model.hf_quantizer = None
             config.save_pretrained(out)
             config.name_or_path = str(out)
             oneshot(model=model, tokenizer=ctx.tokenizer, dataset=_loader(ctx.calibration_batches), recipe=recipe,
