@@ -324,9 +324,11 @@ def fake_quant_activation(
     *,
     symmetric: bool = True,
     clip_ratio: ClipArg = 1.0,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """Dynamic per-token quantization of ``x`` ``[..., features]`` (every leading index is a token)."""
-    return fake_quant(x, bits, symmetric=symmetric, clip_ratio=clip_ratio)
+    """Dynamic per-token quantization of ``x`` ``[..., features]`` (every leading index is a token);
+    ``fused`` as in :func:`fake_quant`."""
+    return fake_quant(x, bits, symmetric=symmetric, clip_ratio=clip_ratio, fused=fused)
 
 
 def fake_quant_kv(

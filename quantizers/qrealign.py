@@ -528,7 +528,7 @@ class _LearnableLinear(nn.Module):
         w, b = self.frozen if self.frozen is not None and not torch.is_grad_enabled() else self.quantized()
         if self.act_quant:
             s = self.scheme
-            x = fake_quant_activation(x, s.a_bits, symmetric=s.a_symmetric, clip_ratio=s.a_clip_ratio)
+            x = fake_quant_activation(x, s.a_bits, symmetric=s.a_symmetric, clip_ratio=s.a_clip_ratio, fused=self.fused)
         return F.linear(x.float(), w, b).to(x.dtype)
 
 
