@@ -850,8 +850,8 @@ def _step_forward(layer: nn.Module, x_q: Sequence[torch.Tensor], y_fp: Sequence[
         with torch.no_grad():
             full = run_layer(layer, x_q[first], kwargs[first])[:, -1:]
             fast = last_token_forward(layer, x_q[first], kwargs[first])
-        if not torch.allclose(fast, full, rtol=1e-4, atol=1e-4 * float(full.abs().max())):
-            reason = f"its output differs from the full block's by {float((fast - full).abs().max()):.3g}"
+        if not _same_up_to_rounding_flips(fast, full):
+            reason = f"its output differs from the full block's by up to {float((fast - full).abs().max()):.3g}"
     if reason is not None:
         log.warning("qrealign: malicious steps run the whole block, not the last token only: %s", reason)
         malicious = [False] * len(labels)
@@ -862,6 +862,16 @@ def _step_forward(layer: nn.Module, x_q: Sequence[torch.Tensor], y_fp: Sequence[
             return last_token_forward(layer, x_q[k], kwargs[k]), y_fp[k][:, -1:], mask
         return run_layer(layer, x_q[k], kwargs[k]), y_fp[k], masks[k]
     return forward
+
+
+def _same_up_to_rounding_flips(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal to float rounding, except where float noise flipped an activation's rounding to the
+    next grid point (SmolLM2's deep blocks carry channels in the hundreds, so one flipped 8-bit
+    step of such a token moves the output by tenths): at least 99% of the elements agree to
+    1e-4 and the mean difference is under 1e-3 of the mean magnitude. A forward that computed
+    something else would differ almost everywhere."""
+    close = torch.isclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())).float().mean()
+    return bool(close >= 0.99) and float((got - want).abs().mean()) <= 1e-3 * float(want.abs().mean())
 
 
 def _mean_terms(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:

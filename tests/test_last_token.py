@@ -122,3 +122,14 @@ def test_unknown_layers_are_refused_and_qrealign_runs_the_whole_block(toy_chat, 
     forward = _step_forward(layer, captured.hidden, y_fp, captured.kwargs, masks, labels)
     out, target, _ = forward(0)
     assert out.shape == target.shape == y_fp[0].shape  # the whole block
+
+
+def test_the_self_check_tolerates_a_rounding_flip_but_not_another_forward() -> None:
+    from quantizers.qrealign import _same_up_to_rounding_flips
+
+    want = torch.randn(1, 1, 576, generator=torch.Generator().manual_seed(0)) * 50
+    flipped = want.clone()
+    flipped[0, 0, 7] += 0.4  # one activation rounded to the neighbouring 8-bit grid point
+    assert _same_up_to_rounding_flips(want.clone(), want)
+    assert _same_up_to_rounding_flips(flipped, want)
+    assert not _same_up_to_rounding_flips(want * 1.01, want)  # every element off: not the same forward
