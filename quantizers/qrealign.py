@@ -39,11 +39,12 @@ shared :func:`~quantizers.calibration.run_calibration` loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -484,14 +485,18 @@ class _LearnableLinear(nn.Module):
     sites are attached, see :mod:`quantizers.transforms`) fake-quantized with learnable
     per-channel clipping; its input fake-quantized per token."""
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme, quantize: bool, clip_init: float) -> None:
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, quantize: bool, clip_init: float,
+                 fused: bool = True) -> None:
         super().__init__()
         self.linear = linear
+        self.fused = fused
         self.scheme = scheme
         self.quantize = quantize and scheme.quantizes_weights
         self.act_quant = quantize and scheme.quantizes_activations
         self.clip_up: nn.Parameter | None = None
         self.clip_low: nn.Parameter | None = None
+        #: ``quantized()`` computed once for no-grad forwards (:meth:`QRealignBlock.frozen`)
+        self.frozen: tuple[torch.Tensor, torch.Tensor | None] | None = None
         if self.quantize:
             out_f, in_f = linear.weight.shape
             g = scheme.w_group_size
@@ -515,14 +520,15 @@ class _LearnableLinear(nn.Module):
                 w, s.w_bits, group_size=s.w_group_size, symmetric=s.w_symmetric,
                 clip_ratio=torch.sigmoid(self.clip_up),
                 clip_ratio_low=torch.sigmoid(self.clip_low) if self.clip_low is not None else None,
+                fused=self.fused,  # re-quantized at every step: the hand-written backward is the cheap one
             )
         return w, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.quantized()
+        w, b = self.frozen if self.frozen is not None and not torch.is_grad_enabled() else self.quantized()
         if self.act_quant:
             s = self.scheme
-            x = fake_quant_activation(x, s.a_bits, symmetric=s.a_symmetric, clip_ratio=s.a_clip_ratio)
+            x = fake_quant_activation(x, s.a_bits, symmetric=s.a_symmetric, clip_ratio=s.a_clip_ratio, fused=self.fused)
         return F.linear(x.float(), w, b).to(x.dtype)
 
 
@@ -537,18 +543,21 @@ class QRealignBlock:
     parametrisations); the block then computes ``Q_i(x; theta)``. :meth:`param_groups` gives the
     AdamW groups; :meth:`fold` fuses the scales into the norms and weights, quantizes the weights
     with the learned clipping, and puts the original modules back. ``skip(name)`` says which
-    linears (name inside the block) stay in floating point.
+    linears (name inside the block) stay in floating point. ``fused``: the weights' fake-quant
+    through the hand-written straight-through node (``fake_quant(fused=True)``; False: plain
+    autograd, the same values, slower, kept for ``bench/bench_qrealign_step.py``).
     """
 
     def __init__(self, model: nn.Module, index: int, scheme: QuantScheme, opts: QRealignOptions,
-                 act_max: Mapping[str, torch.Tensor] | None, skip: Callable[[str], bool] = lambda _n: False) -> None:
+                 act_max: Mapping[str, torch.Tensor] | None, skip: Callable[[str], bool] = lambda _n: False,
+                 fused: bool = True) -> None:
         self.layer = decoder_layers(model)[index]
         self.scheme = scheme
         self.opts = opts
         self.linears: dict[str, _LearnableLinear] = {}
         for name, module in list(self.layer.named_modules()):
             if isinstance(module, nn.Linear):
-                self.linears[name] = _LearnableLinear(module, scheme, not skip(name), opts.clip_init)
+                self.linears[name] = _LearnableLinear(module, scheme, not skip(name), opts.clip_init, fused)
         self.scales: dict[str, nn.Parameter] = {}
         self._chains: list = []
         if act_max is not None:
@@ -595,6 +604,22 @@ class QRealignBlock:
         self._swap(True)
         self._installed = True
         return self
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[QRealignBlock]:
+        """No-grad forwards inside reuse each Linear's quantized weight and the smoothed norm
+        weights, computed once, instead of re-quantizing them on every call (the propagation of
+        ``X_q`` runs the block once per calibration sample with the parameters fixed)."""
+        from torch.nn.utils import parametrize
+
+        with torch.no_grad(), parametrize.cached():
+            for m in self.linears.values():
+                m.frozen = m.quantized()
+            try:
+                yield self
+            finally:
+                for m in self.linears.values():
+                    m.frozen = None
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -775,9 +800,11 @@ class QRealignQuantizer(Quantizer):
         w, b = direction
         w = w.to(device)
 
+        forward = _step_forward(layer, x_q, y_fp, kwargs, masks, labels)
+
         def loss_fn(k: int, _step: int):
-            out = run_layer(layer, x_q[k], kwargs[k])
-            return qrealign_loss(out, y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)
+            out, target, mask = forward(k)
+            return qrealign_loss(out, target, labels[k], w, b, mask, margin=opts.probe_margin)
 
         groups = block.param_groups()
         epochs = opts.epochs_for(i, n_layers)
@@ -789,7 +816,7 @@ class QRealignQuantizer(Quantizer):
                                       progress=ctx.progress, device=device)
         else:
             cal = CalibrationLog(stage=stage, steps_planned=0)
-        with torch.no_grad():
+        with block.frozen():
             blk.outputs = blk.run(x_q)  # with the learned clipping and scales, before folding
             final = [qrealign_loss(blk.outputs[k], y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)[1]
                      for k in range(len(x_q))]
@@ -799,6 +826,52 @@ class QRealignQuantizer(Quantizer):
         log.info("qrealign block %d/%d: %d steps in %.1fs, final %s", i + 1, n_layers, cal.steps_run,
                  cal.seconds, entry["final"])
         return block, entry
+
+
+def _step_forward(layer: nn.Module, x_q: Sequence[torch.Tensor], y_fp: Sequence[torch.Tensor],
+                  kwargs: Sequence[Mapping[str, Any]], masks: Sequence[torch.Tensor | None],
+                  labels: Sequence[torch.Tensor]) -> Callable[[int], tuple[torch.Tensor, torch.Tensor, Any]]:
+    """``forward(k)``: the block output, the FP target and the mask that batch ``k``'s loss reads.
+
+    The malicious loss reads the last prompt token only, so an all-malicious batch runs the block
+    at that position alone (:func:`~quantizers.last_token.last_token_forward`: the same value and
+    gradients, about a tenth of the token work) and gets ``[B, 1, H]`` outputs and targets;
+    benign and mixed batches run the whole block. A layer the last-token forward does not know,
+    or whose last-token output differs from the full forward's on the first malicious batch
+    (checked here, without gradients), runs the whole block for every batch. A loss term that
+    reads other positions of a malicious row must not go through the last-token forward.
+    """
+    from .last_token import last_token_forward, last_token_support
+
+    malicious = [bool(lab.all()) for lab in labels]
+    first = next((k for k, m in enumerate(malicious) if m), None)
+    reason = None if first is None else last_token_support(layer, kwargs[first])
+    if first is not None and reason is None:
+        with torch.no_grad():
+            full = run_layer(layer, x_q[first], kwargs[first])[:, -1:]
+            fast = last_token_forward(layer, x_q[first], kwargs[first])
+        if not _same_up_to_rounding_flips(fast, full):
+            reason = f"its output differs from the full block's by up to {float((fast - full).abs().max()):.3g}"
+    if reason is not None:
+        log.warning("qrealign: malicious steps run the whole block, not the last token only: %s", reason)
+        malicious = [False] * len(labels)
+
+    def forward(k: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        if malicious[k]:
+            mask = masks[k][:, -1:] if masks[k] is not None else None
+            return last_token_forward(layer, x_q[k], kwargs[k]), y_fp[k][:, -1:], mask
+        return run_layer(layer, x_q[k], kwargs[k]), y_fp[k], masks[k]
+    return forward
+
+
+def _same_up_to_rounding_flips(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal to float rounding, except where float noise flipped an activation's rounding to the
+    next grid point (SmolLM2's deep blocks carry channels in the hundreds, so one flipped 8-bit
+    step of such a token moves the output by tenths): at least 99% of the elements agree to
+    1e-4 and the mean difference is under 1e-3 of the mean magnitude. A forward that computed
+    something else would differ almost everywhere."""
+    close = torch.isclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())).float().mean()
+    return bool(close >= 0.99) and float((got - want).abs().mean()) <= 1e-3 * float(want.abs().mean())
 
 
 def _mean_terms(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -198,3 +198,48 @@ def test_mse_clip_search_matches_brute_force(symmetric):
     chosen = (fake_quant_weight(w, 3, symmetric=symmetric, clip_ratio=clip) - w).pow(2).sum(-1)
     assert torch.allclose(chosen, errs.min(0).values, rtol=1e-5, atol=1e-7)
     assert clip[0] < 1.0  # the outlier row is clipped
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 64])
+@pytest.mark.parametrize("own_low", [True, False])
+def test_fused_fake_quant_equals_autograd(bits, symmetric, group_size, own_low):
+    """``fused=True`` gives the very same values and autograd's gradients (to float rounding) to the
+    weight and both learnable clip ratios, with ties at a row's maximum and minimum (de-quantized
+    checkpoints have them), an all-zero row, a row without negative values and clamped elements."""
+    g = torch.Generator().manual_seed(bits + 2 * symmetric + (group_size or 0))
+    w0 = torch.randn(96, 200, generator=g) * 0.05
+    w0[3, :5] = w0[3].max()
+    w0[3, 7:9] = w0[3].min()
+    w0[4] = 0.0
+    w0[5] = w0[5].abs()
+    shape = (96,) if group_size is None else (96, -(-200 // group_size))
+    up0, low0 = 2.0 + torch.randn(shape, generator=g), 2.0 + torch.randn(shape, generator=g)
+    upstream = torch.randn(96, 200, generator=g)
+    results = []
+    for fused in (False, True):
+        w, up, low = (t.clone().requires_grad_(True) for t in (w0, up0, low0))
+        q = fake_quant_weight(w, bits, group_size=group_size, symmetric=symmetric, clip_ratio=torch.sigmoid(up),
+                              clip_ratio_low=torch.sigmoid(low) if own_low else None, fused=fused)
+        (q * upstream).sum().backward()
+        results.append((q.detach(), w.grad, up.grad, low.grad))
+    (q_ref, *grads_ref), (q_fused, *grads_fused) = results
+    assert torch.equal(q_fused, q_ref)
+    assert float((torch.sigmoid(up0) < 1).float().mean()) > 0.5  # the clip ratios do clip: clamped elements
+    for ref, got in zip(grads_ref, grads_fused):
+        assert (ref is None) == (got is None)
+        if ref is not None:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_fused_fake_quant_with_a_float_clip_ratio():
+    w0 = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fused in (False, True):
+        w = w0.clone().requires_grad_(True)
+        out = fake_quant(w, 4, symmetric=False, clip_ratio=0.9, fused=fused)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), w.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-6)

@@ -146,6 +146,27 @@ def test_learned_block_folds_into_the_quantized_layer(toy_chat, toy_records, one
             assert (got - want).abs().mean() < 1e-3 * want.abs().mean()
 
 
+def test_frozen_block_gives_the_same_outputs_without_requantizing(toy_chat, toy_records, one_thread) -> None:
+    """The X_q propagation reuses the quantized weights computed once: the same values bit for bit."""
+    inputs, batches = _layer0_inputs(toy_chat, toy_records, batch_size=2)
+    model = copy.deepcopy(toy_chat.model)
+    layer = model.model.layers[0]
+    from quantizers.calibration import input_channel_absmax
+
+    block = QRealignBlock(model, 0, QuantScheme.parse("w4a4-wasym"), QRealignOptions(),
+                          input_channel_absmax(model, batches)).install()
+    with torch.no_grad():
+        for m in block.linears.values():
+            for p in m.clip_parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+        want = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    with block.frozen():
+        assert all(m.frozen is not None for m in block.linears.values())
+        got = [run_layer(layer, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    assert all(m.frozen is None for m in block.linears.values())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # ------------------------------------------------------------------------------ data hygiene
 
 
