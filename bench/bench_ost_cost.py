@@ -13,7 +13,15 @@ over ``--steps`` steps (the first step is dropped as warm-up). Jobs:
 * ``ost`` / ``aaq``: the fused engine with its defaults (per-layer transforms, ``checkpoint=auto``,
   cached targets; AAQ's base is a second copy of the checkpoint: the cost does not depend on its
   weights); ``ost-ckpt`` / ``ost-nockpt``: OST with checkpointing forced on / off;
+* ``aaq-ckpt``: AAQ with checkpointing forced on; ``ost-ckpt-nohold``: checkpointed OST that
+  transforms the weights in every forward and recomputation instead of once per step
+  (``hold_weights=false``, the path before the held weights);
 * ``ost-old``: ``engine=parametrize``, the path before the rework.
+
+``--micro-batches N`` runs every job's step as N micro-batches of ``batch / N`` sequences, each
+forward and backward at once, then one step (gradient accumulation: the same tokens and FLOPs
+per step, the activation memory of one micro-batch): how the recipe's 4 x 2,048 tokens per step
+fit next to other jobs.
 
 ``--jobs`` picks the jobs (plain first: the step ratios are to it). The memory model is fitted to
 ``ost-ckpt`` (the configuration a model that does not fit without checkpointing runs).
@@ -23,6 +31,7 @@ per step, bytes) to the fused OST job on truncated copies of the model, and extr
 7B Llama by scaling each coefficient with what it counts (see docs/quantizers.md).
 
     OMP_NUM_THREADS=1 python bench/bench_ost_cost.py [--model smollm2-135m-instruct] [--batch 4 --seq 256]
+    OMP_NUM_THREADS=1 python bench/bench_ost_cost.py --seq 2048 --micro-batches 4 --jobs plain plain-ckpt ost-ckpt aaq-ckpt
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ def _tokens(tokenizer, batch: int, seq: int) -> list[torch.Tensor]:
     return load_calibration(spec, tokenizer).batches
 
 
-def _plain(model, batches, steps: int, checkpoint: bool) -> list[float]:
+def _plain(model, batches, steps: int, checkpoint: bool, micro_batches: int) -> list[float]:
     if checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -69,8 +78,9 @@ def _plain(model, batches, steps: int, checkpoint: bool) -> list[float]:
     for step in range(steps):
         ids = batches[step % len(batches)]
         started = time.process_time()
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
+        for part in ids.chunk(micro_batches):
+            out = model(input_ids=part, labels=part, use_cache=False)
+            (out.loss / micro_batches).backward()
         model.zero_grad(set_to_none=True)
         times.append(time.process_time() - started)
     return times
@@ -82,6 +92,8 @@ TRANSFORM_JOBS = {
     "ost-ckpt": ("ost", {"checkpoint": "true"}),
     "ost-nockpt": ("ost", {"checkpoint": "false"}),
     "aaq": ("aaq", {}),
+    "aaq-ckpt": ("aaq", {"checkpoint": "true"}),
+    "ost-ckpt-nohold": ("ost", {"checkpoint": "true", "hold_weights": "false"}),
     "ost-old": ("ost", {"engine": "parametrize"}),
 }
 JOBS = ("plain", "plain-ckpt", *TRANSFORM_JOBS)
@@ -108,20 +120,23 @@ def child(args: argparse.Namespace) -> None:
     batches = _tokens(tokenizer, args.batch, args.seq)
     meta = {}
     if args.job in ("plain", "plain-ckpt"):
-        times = _plain(model, batches, args.steps, checkpoint=args.job == "plain-ckpt")[1:]
+        times = _plain(model, batches, args.steps, checkpoint=args.job == "plain-ckpt",
+                       micro_batches=args.micro_batches)[1:]
     else:
         method, options = TRANSFORM_JOBS[args.job]
+        options = {**options, "micro_batches": args.micro_batches}
         times, meta = _transform(method, options, model, tokenizer, batches, args.steps, args.model, args.layers)
     print(json.dumps({"job": args.job, "step_s": statistics.median(times), "steps_timed": len(times),
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "target_cache_bytes": meta.get("training", {}).get("target_cache_bytes"),
-                      "checkpoint": meta.get("training", {}).get("checkpoint")}))
+                      "checkpoint": meta.get("training", {}).get("checkpoint"),
+                      "hold_weights": meta.get("training", {}).get("hold_weights")}))
 
 
 def run_child(job: str, args: argparse.Namespace, *, layers: int | None = None, seq: int | None = None,
               steps: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", job, "--model", args.model, "--batch", str(args.batch),
-           "--seq", str(seq or args.seq), "--steps", str(steps or args.steps)]
+           "--seq", str(seq or args.seq), "--steps", str(steps or args.steps), "--micro-batches", str(args.micro_batches)]
     if layers is not None:
         cmd += ["--layers", str(layers)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -152,6 +167,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="gradient accumulation: each step as N micro-batches of batch / N sequences (every job)")
     ap.add_argument("--old-steps", type=int, default=2, help="steps of the slow pre-rework path")
     ap.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -167,7 +184,10 @@ def main() -> None:
         child(args)
         return
     tokens = args.batch * args.seq
-    print(f"model {args.model}, {args.batch} x {args.seq} = {tokens} tokens per step, one thread, "
+    if args.batch % args.micro_batches:
+        raise SystemExit(f"--micro-batches {args.micro_batches} must divide --batch {args.batch}")
+    print(f"model {args.model}, {args.batch} x {args.seq} = {tokens} tokens per step "
+          f"({args.micro_batches} micro-batch(es) of {args.batch // args.micro_batches} x {args.seq}), one thread, "
           f"step = median CPU seconds of {args.steps - 1} steps", flush=True)
     print("| job | step (CPU s) | peak RSS (GiB) | step / plain | peak / plain-ckpt |")
     print("|---|---|---|---|---|")

@@ -164,6 +164,7 @@ def run_calibration(
     progress: Callable[[str, int, int], None] | None = None,
     show_progress: bool = True,
     device: torch.device | str | None = None,
+    loss_fn_backpropagates: bool = False,
 ) -> CalibrationLog:
     """Minimise ``loss_fn`` over ``steps`` steps, cycling through ``batches``.
 
@@ -171,8 +172,9 @@ def run_calibration(
     parameter groups (dicts with ``params`` and their own ``lr``/``weight_decay``). The returned
     :class:`CalibrationLog` holds every logged term per step (``loss`` is always logged).
     ``guard`` is one :class:`DivergenceGuard` or several (each watching its own term; the first to
-    trip decides). Raises :class:`QuantizerError` on a non-finite loss or, with
-    ``action == "error"``, on divergence.
+    trip decides). ``loss_fn_backpropagates``: ``loss_fn`` has already filled the gradients
+    (gradient accumulation over micro-batches) and its loss is only logged and guarded. Raises
+    :class:`QuantizerError` on a non-finite loss or, with ``action == "error"``, on divergence.
     """
     from tqdm.auto import tqdm
 
@@ -218,7 +220,8 @@ def run_calibration(
                 break
             if good_state is not None:
                 good_state = _snapshot(groups)  # these parameters gave an in-bounds term
-            loss.backward()
+            if not loss_fn_backpropagates:
+                loss.backward()
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], grad_clip)
             optimizer.step()

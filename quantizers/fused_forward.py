@@ -22,6 +22,12 @@ backward pass. Here instead (the SpinQuant way, Liu et al. 2024, arXiv:2405.1640
   (``modules.shared_input_quant``);
 * rotations are evaluated once per forward (one Cayley map each) and handed to every layer as
   checkpoint inputs, so the recomputation sees exactly the tensors the forward saw;
+* optionally (``hold_weights``, :meth:`FusedTransformForward.step`) each layer's transformed
+  weights are computed once per optimizer step, outside the checkpointed region, and held for
+  every micro-batch's forward and recomputation; their gradients are collected and pushed through
+  the transforms once per step, one layer at a time. A checkpointed step then transforms every
+  weight twice per step instead of twice per micro-batch forward, at the memory of two copies of
+  the decoder layers' weights (held values and their gradients);
 * optionally the transformed weights are fake-quantized with a straight-through estimator
   (``weight_scheme``), so the transforms learn against weight quantization (weight-only schemes,
   as SpinQuant trains its rotations against RTN weights).
@@ -212,8 +218,12 @@ class FusedTransformForward:
         weight_scheme: QuantScheme | None = None,
         use_checkpoint: bool = True,
         autocast: torch.dtype | None = None,
+        hold_weights: bool = False,
     ) -> None:
         self.parts = parts
+        self.hold_weights = hold_weights
+        #: during :meth:`step` with ``hold_weights``: per layer, the held transformed weights
+        self._held: list[list[Swap]] | None = None
         self.weight_scheme = weight_scheme if weight_scheme is not None and weight_scheme.quantizes_weights else None
         self.use_checkpoint = use_checkpoint
         self.autocast = autocast
@@ -260,6 +270,11 @@ class FusedTransformForward:
 
     # ------------------------------------------------------------------ per layer
     def _layer_swaps(self, li: int) -> list[Swap]:
+        """Layer ``li``'s transformed (and fake-quantized) weights: the held ones inside a holding
+        :meth:`step`, else computed now from the parameters."""
+        return self._held[li] if self._held is not None else self._transformed_swaps(li)
+
+    def _transformed_swaps(self, li: int) -> list[Swap]:
         quantized = {id(m): chain for m, chain in self.quantized_weights[li]}
         swaps: list[Swap] = []
         for chain in self.layer_chains[li]:
@@ -338,15 +353,53 @@ class FusedTransformForward:
         fuse_chains([c for chains in self.layer_chains for c in chains])
         fuse_chains([c for c in (self.embed_chain, self.head_chain) if c is not None])
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        device_type = self.parts.embed.weight.device.type
+        return (torch.autocast(device_type, dtype=self.autocast) if self.autocast is not None
+                else contextlib.nullcontext())
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One optimizer step's forward and backward passes (one or several micro-batches) run
+        inside. With ``hold_weights`` the rotations are evaluated and every layer's weights
+        transformed once on entry, without autograd, as leaves the micro-batches accumulate
+        gradients into; on a normal exit those gradients are pushed through the transforms (each
+        layer's recomputed with autograd, then the rotations' orthogonal maps), which leaves the
+        parameters' gradients equal to those of the unheld path. Without it, a no-op."""
+        if not self.hold_weights:
+            yield
+            return
+        graph_matrices = [rot.weight for rot in self.rotations]  # small: d x d and head_dim x head_dim
+        leaves = [m.detach().requires_grad_(m.requires_grad) for m in graph_matrices]
+        with torch.no_grad(), self._autocast(), _pinned(self.rotations, leaves):
+            held = [[(module, name, value.detach().requires_grad_(True)) for module, name, value in self._transformed_swaps(li)]
+                    for li in range(len(self.parts.layers))]
+        self._matrices, self._held = leaves, held
+        try:
+            yield
+            self._held = None
+            for li in range(len(held)):
+                with self._autocast(), _pinned(self.rotations, leaves):
+                    fresh = self._transformed_swaps(li)
+                pairs = [(f, h.grad) for (_, _, f), (_, _, h) in zip(fresh, held[li])
+                         if h.grad is not None and f.requires_grad]
+                held[li] = []  # free the held weights and their gradients as we go
+                if pairs:
+                    torch.autograd.backward([f for f, _ in pairs], [g for _, g in pairs])
+            pairs = [(m, leaf.grad) for m, leaf in zip(graph_matrices, leaves) if leaf.grad is not None and m.requires_grad]
+            if pairs:
+                torch.autograd.backward([m for m, _ in pairs], [g for _, g in pairs])
+        finally:
+            self._held = None
+            self._matrices = []
+
     def logits(self, inputs: Mapping[str, Any]) -> Logits:
         """The transformed (and fake-quantized) model's logits on one batch, with autograd: a
         :class:`~quantizers.losses.HeadLogits` when the head is left to the loss, else a tensor."""
-        self._matrices = [rot.weight for rot in self.rotations]  # one orthogonal map per rotation
-        device_type = self.parts.embed.weight.device.type
-        autocast = (torch.autocast(device_type, dtype=self.autocast) if self.autocast is not None
-                    else contextlib.nullcontext())
+        if self._held is None:
+            self._matrices = [rot.weight for rot in self.rotations]  # one orthogonal map per rotation
         head = self.parts.lm_head
-        with autocast, parametrize.cached(), _replaced(self.parts.model, head, nn.Identity(), self.head_to_loss):
+        with self._autocast(), parametrize.cached(), _replaced(self.parts.model, head, nn.Identity(), self.head_to_loss):
             out = self.parts.model(**inputs, use_cache=False).logits
             if not self.head_to_loss:
                 return out.float()

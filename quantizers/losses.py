@@ -195,6 +195,10 @@ class SubsetTarget:
         per_position = subset_kl_from_log_probs(self.log_p, q_logits, self.index, renormalize=self.renormalize)
         return _masked_mean(per_position, attention_mask)
 
+    def rows(self, start: int, stop: int) -> SubsetTarget:
+        """The target of sequences ``start:stop`` of its batch (one micro-batch)."""
+        return SubsetTarget(self.index[start:stop], self.log_p[start:stop], self.renormalize)
+
     @property
     def nbytes(self) -> int:
         return self.index.numel() * self.index.element_size() + self.log_p.numel() * self.log_p.element_size()

@@ -94,7 +94,14 @@ class OSTOptions(WeightStepOptions):
     bf16 natively, else fp32), ``bf16``, ``off``. ``ste_weights``: train against fake-quantized
     weights with a straight-through estimator (``auto``: on for schemes that quantize weights but
     not activations, where nothing else would give the transforms a training signal; off
-    otherwise, as in the recipe). Plus the weight step's ``weights`` (auto: GPTQ) and ``mse_clip``.
+    otherwise, as in the recipe). ``micro_batches``: gradient accumulation (fused engine): each
+    calibration batch (one step) runs as N micro-batches of batch / N sequences, each forward and
+    backward at once, then one optimizer step: the same tokens and gradient per step at the
+    activation memory of one micro-batch (the recipe's 4 x 2,048 tokens where they do not fit at
+    once). ``hold_weights``: transform each layer's weights once per step, outside the
+    checkpointed region, and hold them for every micro-batch (``fused_forward``; ``auto``: when
+    the step checkpoints or accumulates, where it saves a weight transform per micro-batch
+    forward; true; false). Plus the weight step's ``weights`` (auto: GPTQ) and ``mse_clip``.
     """
 
     steps: int = 100
@@ -112,6 +119,8 @@ class OSTOptions(WeightStepOptions):
     checkpoint: bool | Literal["auto"] = "auto"
     autocast: Literal["auto", "bf16", "off"] = "auto"
     ste_weights: Literal["auto", "on", "off"] = "auto"
+    micro_batches: int = 1
+    hold_weights: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -126,6 +135,10 @@ class OSTOptions(WeightStepOptions):
             raise QuantizerError(f"guard_factor={self.guard_factor} must be > 1")
         if not (self.learn_r1 or self.learn_r2 or self.learn_scales):
             raise QuantizerError("nothing to learn: set one of learn_r1, learn_r2, learn_scales (or use quarot)")
+        if self.micro_batches < 1:
+            raise QuantizerError(f"micro_batches={self.micro_batches} must be >= 1")
+        if self.engine == "parametrize" and (self.micro_batches > 1 or self.hold_weights is True):
+            raise QuantizerError("micro_batches and hold_weights need engine=fused")
         if self.engine == "parametrize" and self.ste_weights == "on":
             raise QuantizerError("ste_weights=on needs engine=fused (the parametrize engine trains full-precision weights)")
 
@@ -258,10 +271,15 @@ class OSTQuantizer(TransformQuantizer):
         autocast = autocast_dtype(device, opts.autocast)
         use_checkpoint = self._checkpoint(parts, batches, device, autocast)
         engine = self._engine(parts, chains, scheme if ste else None, autocast, use_checkpoint)
+        accumulate = isinstance(engine, FusedTransformForward) and (opts.micro_batches > 1 or engine.hold_weights)
 
         def loss_fn(batch: Any, step: int) -> tuple[torch.Tensor, Mapping[str, float]]:
             inputs = model_inputs(batch, device)
-            loss, terms = self.loss(engine(inputs), targets[step % len(batches)], inputs.get("attention_mask"))
+            target = targets[step % len(batches)]
+            if accumulate:
+                loss, terms = self._accumulated_step(engine, inputs, target)
+            else:
+                loss, terms = self.loss(engine(inputs), target, inputs.get("attention_mask"))
             shown = diagnostics[step % len(batches)]
             return loss, {**terms, **{key: shown[key] for key in self.step_diagnostics}}
 
@@ -269,11 +287,12 @@ class OSTQuantizer(TransformQuantizer):
             log_ = run_calibration(
                 loss_fn, groups, batches, opts.steps,
                 guard=[DivergenceGuard(t, factor=opts.guard_factor, action=opts.guard_action) for t in self.guard_terms],
-                stage=self.name, progress=ctx.progress, device=device,
+                stage=self.name, progress=ctx.progress, device=device, loss_fn_backpropagates=accumulate,
             )
         self.metadata["calibration"] = log_.to_dict()
         self.metadata["training"] = {
-            "engine": opts.engine, "checkpoint": use_checkpoint,
+            "engine": opts.engine, "checkpoint": use_checkpoint, "micro_batches": opts.micro_batches,
+            "hold_weights": isinstance(engine, FusedTransformForward) and engine.hold_weights,
             "autocast": "bf16" if autocast is not None else "off (fp32)", "ste_weights": ste,
             "target_cache_bytes": sum(t.nbytes for batch in targets for t in batch.values()),
         }
@@ -290,6 +309,34 @@ class OSTQuantizer(TransformQuantizer):
         self.weight_step(model, scheme, ctx)
         return model
 
+    def _accumulated_step(self, engine: FusedTransformForward, inputs: Mapping[str, Any],
+                          targets: Mapping[str, SubsetTarget]) -> tuple[torch.Tensor, dict[str, float]]:
+        """One step as ``micro_batches`` micro-batches, each back-propagated at once (the gradients
+        accumulate; ``engine.step`` holds the transformed weights across them). The loss and terms
+        returned (detached: already back-propagated) are the micro-batches' means weighted by
+        their unmasked positions, which is the whole batch's loss when they hold equally many."""
+        micro = self.options.micro_batches
+        rows = int(inputs["input_ids"].shape[0])
+        if rows % micro:
+            raise QuantizerError(f"micro_batches={micro} must divide the calibration batch of {rows} sequences "
+                                 "(--calib-batch)")
+        size = rows // micro
+        bounds = [(i * size, (i + 1) * size) for i in range(micro)]
+        mask = inputs.get("attention_mask")
+        weights = [float(mask[a:b].sum()) if mask is not None else float(b - a) for a, b in bounds]
+        total = sum(weights)
+        loss_value, terms_value = 0.0, {}
+        with engine.step():
+            for (a, b), weight in zip(bounds, weights):
+                part = {k: v[a:b] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                loss, terms = self.loss(engine(part), {k: t.rows(a, b) for k, t in targets.items()},
+                                        part.get("attention_mask"))
+                (loss * (weight / total)).backward()
+                loss_value += float(loss.detach()) * weight / total
+                for key, value in terms.items():
+                    terms_value[key] = terms_value.get(key, 0.0) + float(value) * weight / total
+        return torch.tensor(loss_value), terms_value
+
     def _checkpoint(self, parts: ModelParts, batches: list[Any], device: torch.device,
                     autocast: torch.dtype | None) -> bool:
         """Whether the fused engine checkpoints its layers (``checkpoint=auto``: when memory needs it)."""
@@ -299,6 +346,7 @@ class OSTQuantizer(TransformQuantizer):
         if mode != "auto":
             return bool(mode)
         tokens = max(int((b if isinstance(b, torch.Tensor) else b["input_ids"]).numel()) for b in batches)
+        tokens //= self.options.micro_batches  # what one forward holds
         element_bytes = (autocast or parts.embed.weight.dtype).itemsize
         needed, estimate = checkpoint_needed(parts, tokens, element_bytes=element_bytes,
                                              available=available_memory_bytes(device))
@@ -314,8 +362,11 @@ class OSTQuantizer(TransformQuantizer):
                 with parametrize.cached():
                     return _logits(parts.model, inputs)
             return forward
+        hold = self.options.hold_weights
+        if hold == "auto":
+            hold = use_checkpoint or self.options.micro_batches > 1
         return FusedTransformForward(parts, chains, weight_scheme=weight_scheme,
-                                     use_checkpoint=use_checkpoint, autocast=autocast)
+                                     use_checkpoint=use_checkpoint, autocast=autocast, hold_weights=bool(hold))
 
     @contextlib.contextmanager
     def _installed(self, engine, chains):

@@ -171,10 +171,49 @@ def test_fused_engine_with_a_quantized_lm_head(toy_chat, batches, one_thread):
 def test_fused_engine_without_checkpointing_is_the_same_computation(toy_chat, batches, one_thread):
     curves = []
     for checkpoint in ("true", "false"):
-        q = build_quantizer("ost", {"steps": 3, "weights": "rtn", "checkpoint": checkpoint, "autocast": "off"})
+        q = build_quantizer("ost", {"steps": 3, "weights": "rtn", "checkpoint": checkpoint, "autocast": "off",
+                                    "hold_weights": "false"})
         q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches))
         curves.append(q.metadata["calibration"]["curves"]["kl_top"])
     assert curves[0] == pytest.approx(curves[1], rel=1e-6)
+
+
+@pytest.mark.parametrize(("method", "scheme"), [("ost", "w4a4kv4"), ("aaq", "w4a4kv4"), ("ost", "w4a16g64")])
+def test_held_weights_and_micro_batches_give_the_same_gradients(method, scheme, toy_chat, toy_base, batches,
+                                                                 one_thread, monkeypatch):
+    """Transforming the weights once per step (``hold_weights``) and splitting each step into
+    micro-batches (gradient accumulation) change when the gradients are computed, not what they
+    are: the first step's loss and every parameter's gradient equal the plain per-forward path's
+    (checkpointing off, one micro-batch) to float rounding, weight-only STE schemes included."""
+    capture = _GradCapture(monkeypatch)
+    configs = {"plain": ("false", "false", 1), "held+ckpt+micro": ("true", "true", 2),
+               "held": ("false", "true", 1), "micro": ("false", "false", 2)}
+    losses, grads, training = {}, {}, {}
+    for name, (checkpoint, hold, micro) in configs.items():
+        q = build_quantizer(method, {"steps": 1, "weights": "rtn", "autocast": "off", "checkpoint": checkpoint,
+                                     "hold_weights": hold, "micro_batches": micro})
+        q.apply(copy.deepcopy(toy_chat.model), scheme, _ctx(toy_chat, batches, toy_base.model))
+        losses[name] = q.metadata["calibration"]["curves"]["loss"][0]
+        grads[name] = capture.grads
+        training[name] = q.metadata["training"]
+    assert training["held+ckpt+micro"]["hold_weights"] and training["held+ckpt+micro"]["micro_batches"] == 2
+    assert not training["plain"]["hold_weights"] and training["plain"]["micro_batches"] == 1
+    for name in configs:
+        assert losses[name] == pytest.approx(losses["plain"], rel=1e-5)
+        assert len(grads[name]) == len(grads["plain"]) > 0
+        total = sum(float(g.norm()) ** 2 for g in grads["plain"]) ** 0.5
+        for ref, got in zip(grads["plain"], grads[name]):  # a float-noise gradient is judged against the total
+            assert float((ref - got).norm()) <= 1e-4 * float(ref.norm()) + 1e-6 * total, name
+
+
+def test_micro_batches_must_divide_the_calibration_batch(toy_chat, batches):
+    q = build_quantizer("ost", {"steps": 1, "micro_batches": 3, "weights": "rtn"})
+    with pytest.raises(QuantizerError, match="micro_batches=3 must divide the calibration batch of 2"):
+        q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches))
+    with pytest.raises(QuantizerError, match="need engine=fused"):
+        build_quantizer("ost", {"engine": "parametrize", "micro_batches": 2})
+    with pytest.raises(QuantizerError, match="micro_batches=0"):
+        build_quantizer("ost", {"micro_batches": 0})
 
 
 def test_checkpoint_auto_checkpoints_only_when_memory_needs_it(toy_chat):
