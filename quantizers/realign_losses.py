@@ -29,9 +29,8 @@ is kept close to the FP model instead: MSE of its block output at ``t``.
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,8 +41,6 @@ from torch import nn
 from .errors import QuantizerError
 
 __all__ = ["LOSS_TERMS", "parse_loss", "uses_parent", "ParentTargets", "parent_targets", "BlockRealign"]
-
-log = logging.getLogger(__name__)
 
 #: The malicious-row terms, by name; ``paper`` means ``probe``.
 LOSS_TERMS = ("probe", "parent_probe", "direction", "output")
@@ -141,7 +138,8 @@ def parent_targets(parent: nn.Module, tokenizer: Any, texts: Sequence[str], harm
         norm, head = _final_readout(parent)
         n_layers = hidden.shape[1]
         for layer in range(max(0, n_layers - output_blocks), n_layers):
-            targets.log_probs[layer] = _readout_log_probs(norm, head, hidden[:, layer].to(next(head.parameters()).device)).cpu()
+            device = next(head.parameters()).device
+            targets.log_probs[layer] = _readout_log_probs(norm, head, hidden[:, layer].to(device)).cpu()
     targets.seconds = time.perf_counter() - t0
     return targets
 
@@ -164,7 +162,8 @@ class BlockRealign:
             raise QuantizerError("qrealign loss terms other than 'probe' need the aligned parent's targets")
         self.readout = _final_readout(model) if "output" in self.active else None
 
-    def __call__(self, h_q: torch.Tensor, h_fp: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, h_q: torch.Tensor, h_fp: torch.Tensor,
+                 rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         hq = h_q.float()
         w = self.w.to(hq.device, hq.dtype)
         logit = hq @ w + self.b
@@ -181,12 +180,15 @@ class BlockRealign:
         return loss, terms
 
     def _probe(self, hq, logit, parent, rows) -> torch.Tensor:
+        """The paper's: past the probe's boundary (plus ``probe_margin``)."""
         return F.softplus(self.margin - logit)
 
     def _parent_probe(self, hq, logit, parent, rows) -> torch.Tensor:
+        """Up to the parent's own probe logit for the prompt."""
         return F.softplus(parent @ self.w.to(parent.device) + self.b - logit)
 
     def _direction(self, hq, logit, parent, rows) -> torch.Tensor:
+        """Up to the parent's own (scaled) projection on the layer's refusal direction."""
         unit, benign, harmful = self.targets.directions[self.index]
         unit = unit.to(hq.device)
         span = max(harmful - benign, 1e-6)
@@ -194,6 +196,7 @@ class BlockRealign:
         return F.relu(d_parent - d_q).pow(2)
 
     def _output(self, hq, logit, parent, rows) -> torch.Tensor:
+        """Toward the parent's next-token distribution read out at this layer."""
         norm, head = self.readout
         log_q = _readout_log_probs(norm, head, hq)
         log_p = self.targets.log_probs[self.index][rows.cpu()].to(log_q.device)
