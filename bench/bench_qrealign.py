@@ -272,6 +272,17 @@ def benign_agreement(rows: list[dict], reference: str = "fp", threshold: float =
     return out
 
 
+def with_options(variant: str, options: str) -> str:
+    """A Q-realign variant (``[NAME=]qrealign:SCHEME[:OPTIONS]``) with the bench's recipe options
+    in front of its own (its own win); other variants unchanged."""
+    body = variant.split("=", 1)[1] if "=" in variant.split(":", 1)[0] else variant
+    parts = body.split(":", 2)
+    if parts[0] != "qrealign":
+        return variant
+    head = variant[: len(variant) - len(body)] + ":".join(parts[:2])
+    return f"{head}:{options}" + (f",{parts[2]}" if len(parts) > 2 and parts[2] else "")
+
+
 def run_smol(args) -> None:
     """The table on the real eroded model: `safequant audit` itself (harness.audit.Audit) on
     smol-chat-eroded with probes from smol-chat (`--probe-model auto`), then per variant refusal by
@@ -289,7 +300,7 @@ def run_smol(args) -> None:
     qr_options = ",".join(f"{k}={v}" for k, v in (("n_prompts", args.n_prompts), ("epochs_shallow", args.epochs_shallow),
                                                    ("epochs_deep", args.epochs_deep), ("batch_size", args.batch_size),
                                                    *(o.split("=", 1) for o in args.option)))
-    variants = [f"{v}:{qr_options}" if v.startswith("qrealign") else v for v in variants]
+    variants = [with_options(v, qr_options) for v in variants]
     # SmoothQuant's activation maxima come from the last 60% of the WikiText-2 test file; perplexity
     # is scored on its first tokens (--ppl-tokens, well inside the first 40%).
     calibration = CalibrationOptions(text=str(WIKITEXT), span="0.4:1", prompts=args.calib_prompts)

@@ -124,7 +124,11 @@ class QRealignOptions:
     ``diagnostic_prompts``: at most this many harmful and as many benign records, held out of the
     calibration steps (and of the probe fit when the probes are fitted here), on which the
     per-layer diagnostics of :mod:`probes.realign` are measured for the aligned, the FP and the
-    quantized model (32; 0 = none), recorded in ``metadata["diagnostics"]``.
+    quantized model (32; 0 = none), recorded in ``metadata["diagnostics"]``;
+    ``loss``: the malicious rows' terms, ``paper`` (the probe loss above) or ``+``-joined terms of
+    :data:`~quantizers.realign_losses.LOSS_TERMS` (``probe``, ``parent_probe``, ``direction``,
+    ``output``; see :mod:`quantizers.realign_losses`); ``output_blocks`` / ``output_weight``: the
+    ``output`` term acts on the last this many blocks (1) with this weight (1.0).
     """
 
     n_prompts: int = 200
@@ -147,6 +151,9 @@ class QRealignOptions:
     system_prompt: str = ""
     probe_margin: float = 0.0
     diagnostic_prompts: int = 32
+    loss: str = "paper"
+    output_blocks: int = 1
+    output_weight: float = 1.0
 
     def __post_init__(self) -> None:
         def bad(message: str) -> QuantizerError:
@@ -165,13 +172,16 @@ class QRealignOptions:
                 f"malicious_fraction={self.malicious_fraction} of n_prompts={self.n_prompts} leaves no "
                 f"{'malicious' if n_mal < 1 else 'benign'} sample; raise n_prompts or change the fraction"
             )
-        for name in ("seq_len", "batch_size", "probe_max_iter"):
+        from .realign_losses import parse_loss
+
+        parse_loss(self.loss)
+        for name in ("seq_len", "batch_size", "probe_max_iter", "output_blocks"):
             if getattr(self, name) < 1:
                 raise bad(f"{name}={getattr(self, name)} must be >= 1")
         for name in ("epochs_shallow", "epochs_deep", "diagnostic_prompts"):
             if getattr(self, name) < 0:
                 raise bad(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("lr_smooth", "lr_clip", "probe_C"):
+        for name in ("lr_smooth", "lr_clip", "probe_C", "output_weight"):
             if not getattr(self, name) > 0:
                 raise bad(f"{name}={getattr(self, name)} must be positive")
         if not 0.0 < self.clip_init <= 1.0:
@@ -182,6 +192,13 @@ class QRealignOptions:
             raise bad(f"probe_test_size={self.probe_test_size} must be in (0, 1)")
         if not str(self.probes_from).strip():
             raise bad("probes_from is empty; use 'reference' or a path to saved probes")
+
+    @property
+    def loss_terms(self) -> tuple[str, ...]:
+        """The malicious rows' terms named by ``loss`` (``("probe",)`` for the paper's)."""
+        from .realign_losses import parse_loss
+
+        return parse_loss(self.loss)
 
     @property
     def n_malicious(self) -> int:
@@ -438,13 +455,18 @@ def qrealign_loss(
     b: float | torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     margin: float = 0.0,
+    realign: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Q-realign's per-block loss on a batch ``[B, T, H]`` (left padded: position -1 is the last
     prompt token of every row): benign rows give the MSE of the quantized block output to the FP
     one over their unmasked tokens and every channel; malicious rows give
     ``softplus(margin - (h_q[-1] . w + b))`` (``margin`` 0 in the paper). Returns the mean over rows and the logged terms (``mse`` and
     ``probe`` means over the rows of each kind present, ``logit`` the mean probe logit of the
-    malicious rows)."""
+    malicious rows). ``realign`` replaces the malicious term (a
+    :class:`~quantizers.realign_losses.BlockRealign`: the quantized and FP outputs at the last
+    token and each malicious row's calibration sample index, from ``rows``, to per-row losses and
+    logged terms)."""
     if hidden_q.shape != hidden_fp.shape or hidden_q.dim() != 3:
         raise QuantizerError(
             f"qrealign loss: hidden states must be [batch, tokens, hidden] of one shape, got "
@@ -466,7 +488,12 @@ def qrealign_loss(
             mse = sq.mean(dim=-1)
         per_row = per_row.index_put((benign.nonzero(as_tuple=True)[0],), mse)
         terms["mse"] = float(mse.detach().mean())
-    if bool(malicious.any()):
+    if bool(malicious.any()) and realign is not None:
+        index = malicious.nonzero(as_tuple=True)[0]
+        loss, extra = realign(hq[malicious][:, -1, :], hf[malicious][:, -1, :], rows.to(index.device)[index])
+        per_row = per_row.index_put((index,), loss)
+        terms.update(extra)
+    elif bool(malicious.any()):
         logit = hq[malicious][:, -1, :] @ w.to(hq.device, hq.dtype) + torch.as_tensor(b, dtype=hq.dtype,
                                                                                          device=hq.device)
         probe = F.softplus(margin - logit)
@@ -728,6 +755,7 @@ class QRealignQuantizer(Quantizer):
         if scheme.quantizes_kv:
             enable_kv_quant(model, scheme)  # raises for an unsupported architecture, before any weight change
 
+        self._targets = self._parent_targets(model, ctx, chosen)
         diag_records = diagnostic_records(records, chosen, probe_records, opts, ctx.seed)
         diagnose = _diagnoser(ctx, diag_records, directions, opts)
         diagnostics = {"aligned": diagnose(ctx.probe_model), "fp": diagnose(model)} if diagnose else None
@@ -747,6 +775,9 @@ class QRealignQuantizer(Quantizer):
                                                  labels, n_layers, ctx, device)
             done.update(f"{blk.name}.{n}" for n, m in block.linears.items() if m.quantize or m.act_quant)
             logs.append(entry)
+        loss_meta = {"terms": list(opts.loss_terms), **({"parent_targets": self._targets.describe()}
+                                                        if self._targets is not None else {})}
+        self._targets = None  # the parent's targets are needed only while the blocks calibrate
 
         def weight_fn(name: str, linear: nn.Linear, s: QuantScheme) -> torch.Tensor:
             if name in done:
@@ -760,6 +791,7 @@ class QRealignQuantizer(Quantizer):
         self.metadata["probes"] = probe_meta
         self.metadata["effective_scheme"] = scheme.label
         self.metadata["blocks"] = logs
+        self.metadata["loss"] = loss_meta
         self.metadata["seconds"] = round(time.perf_counter() - t_start, 2)
         self.metadata["peak_memory_bytes"] = peak_memory_bytes(device)
         return model
@@ -787,6 +819,32 @@ class QRealignQuantizer(Quantizer):
             raise QuantizerError(f"probes_from {opts.probes_from!r}: {exc}") from None
         return probes, {"source": str(path), "metadata": doc.get("metadata", {})}, []
 
+    def _parent_targets(self, model: nn.Module, ctx: QuantContext, chosen: Sequence[Mapping[str, Any]]):
+        """The aligned parent's targets on the calibration samples when the ``loss`` terms need them
+        (None for the paper's loss); the parent is the model the probes are fitted on."""
+        from .realign_losses import parent_targets, uses_parent
+
+        opts: QRealignOptions = self.options
+        if not uses_parent(opts.loss_terms):
+            return None
+        parent = ctx.probe_model or ctx.reference_model or model
+        source = "probe_model" if ctx.probe_model is not None else (
+            "reference_model" if ctx.reference_model is not None else "subject (FP)")
+        texts = [chat_prompt(ctx.tokenizer, r["prompt"], opts.system_prompt) for r in chosen]
+        return parent_targets(parent, ctx.tokenizer, texts, [r["label"] == "harmful" for r in chosen],
+                              opts.loss_terms, opts.output_blocks, opts.seq_len, source)
+
+    def _block_realign(self, model: nn.Module, index: int, direction: tuple[torch.Tensor, float], n_layers: int):
+        """The malicious rows' loss of block ``index`` for the ``loss`` option (None: the paper's,
+        computed inside :func:`qrealign_loss`)."""
+        from .realign_losses import BlockRealign
+
+        opts: QRealignOptions = self.options
+        if opts.loss_terms == ("probe",):
+            return None
+        return BlockRealign(opts.loss_terms, index, n_layers, direction, opts.probe_margin, self._targets, model,
+                            opts.output_blocks, opts.output_weight)
+
     def _calibrate_block(self, model: nn.Module, blk: Block, scheme: QuantScheme,
                          act_max: Mapping[str, torch.Tensor] | None, direction: tuple[torch.Tensor, float],
                          labels: Sequence[torch.Tensor], n_layers: int, ctx: QuantContext,
@@ -799,12 +857,15 @@ class QRealignQuantizer(Quantizer):
         block.install()
         w, b = direction
         w = w.to(device)
+        realign = self._block_realign(model, i, direction, n_layers)
+        rows = [torch.arange(k * opts.batch_size, k * opts.batch_size + len(labels[k])) for k in range(len(x_q))]
 
         forward = _step_forward(layer, x_q, y_fp, kwargs, masks, labels)
 
         def loss_fn(k: int, _step: int):
             out, target, mask = forward(k)
-            return qrealign_loss(out, target, labels[k], w, b, mask, margin=opts.probe_margin)
+            return qrealign_loss(out, target, labels[k], w, b, mask, margin=opts.probe_margin,
+                                 realign=realign, rows=rows[k])
 
         groups = block.param_groups()
         epochs = opts.epochs_for(i, n_layers)
@@ -818,8 +879,8 @@ class QRealignQuantizer(Quantizer):
             cal = CalibrationLog(stage=stage, steps_planned=0)
         with block.frozen():
             blk.outputs = blk.run(x_q)  # with the learned clipping and scales, before folding
-            final = [qrealign_loss(blk.outputs[k], y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin)[1]
-                     for k in range(len(x_q))]
+            final = [qrealign_loss(blk.outputs[k], y_fp[k], labels[k], w, b, masks[k], margin=opts.probe_margin,
+                                   realign=realign, rows=rows[k])[1] for k in range(len(x_q))]
         block.fold()
         entry = cal.to_dict(max_points=50)
         entry.update(block=i, epochs=epochs, final=_mean_terms(final))

@@ -87,6 +87,8 @@ BAD_SPECS = [
     ("rtn:w4a4-aclip1.5", ""), ("rtn:w4a4-aclip0", ""), ("aaq:w4a4:alpha=nan", "finite"), ("aaq:w4a4:alpha=inf", "finite"),
     ("ost:w4a4:lr=-inf", "finite"), ("rtn:w4a4:bogus_option=1", ""), ("rtn:w4a4kv4-kvclipx", ""), ("rtn:wxa4", ""),
     ("rtn:w4a4:w_bits=4", ""), ("smoothquant:w4a16:alpha=2", ""), ("rtn:w4a4:=3", ""), ("fp:w4a4", ""),
+    ("qrealign:w8a8:loss=probe+bogus", "unknown term 'bogus'"), ("qrealign:w8a8:output_weight=0", "positive"),
+    ("qrealign:w8a8:output_blocks=0", ">= 1"),
 ]
 
 
