@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from common.allocator import tune_glibc_malloc
 from harness.errors import UserError
 
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    tune_glibc_malloc()
     try:
         return args.func(args)
     except UserError as exc:
