@@ -37,3 +37,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"third-party benchmark files not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def move_off_initial_values(block, seed: int = 0) -> None:
+    """Move a ``QRealignBlock``'s learnable smoothing scales and clipping factors off their
+    initial values (seeded), so a test compares a learned block, not plain RTN."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.scales.values():
+            p.mul_(torch.exp(0.3 * torch.randn(p.shape, generator=g)))
+        for m in block.linears.values():
+            for p in m.clip_parameters():
+                p.add_(torch.randn(p.shape, generator=g))

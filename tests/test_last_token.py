@@ -15,6 +15,7 @@ from torch import nn
 from quantizers import QuantScheme, enable_kv_quant
 from quantizers.calibration import capture_layer_inputs, input_channel_absmax, run_layer
 from quantizers.last_token import last_token_forward, last_token_support
+from conftest import move_off_initial_values
 from quantizers.qrealign import QRealignBlock, QRealignOptions, _batches, _step_forward, qrealign_loss
 
 
@@ -39,13 +40,7 @@ def _learned_block(model, tokenizer, scheme_text: str, batch_size: int, index: i
         for layer in model.model.layers[:index]:
             hidden = [run_layer(layer, h, kw) for h, kw in zip(hidden, captured.kwargs)]
     block = QRealignBlock(model, index, scheme, QRealignOptions(), stats).install()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in block.scales.values():
-            p.mul_(torch.exp(0.3 * torch.randn(p.shape, generator=g)))
-        for m in block.linears.values():
-            for p in m.clip_parameters():
-                p.add_(torch.randn(p.shape, generator=g))
+    move_off_initial_values(block)
     return model.model.layers[index], block, hidden, captured.kwargs
 
 
