@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["LAYOUTS", "LLAMA", "Layout", "decoder_layers", "get_part", "layout_of"]
+__all__ = ["LAYOUTS", "LLAMA", "Layout", "decoder_layers", "final_readout", "get_part", "layout_of", "read_out"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +117,20 @@ def decoder_layers(model: nn.Module, n_layers: int | None = None) -> nn.ModuleLi
         return None
     candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
     return candidates[0] if len(candidates) == 1 else None
+
+
+def final_readout(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The model's final norm and LM head (None where the layout has none): what a logit lens
+    reads an intermediate hidden state through."""
+    layout = layout_of(model) or LLAMA
+    return get_part(model, layout.final_norm), get_part(model, layout.lm_head)
+
+
+def read_out(norm: nn.Module | None, head: nn.Module, hidden: Any) -> Any:
+    """float32 logits of ``hidden`` ``[..., H]`` through ``norm`` (if any) and ``head``, in the
+    head's dtype and on its device (a logit lens at any layer; the real output at the last)."""
+    param = next(head.parameters())
+    x = hidden.to(device=param.device, dtype=param.dtype)
+    if norm is not None:
+        x = norm(x)
+    return head(x).float()

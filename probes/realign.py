@@ -48,23 +48,18 @@ def lens_refusal_prob(model, hidden: np.ndarray, token_ids: Sequence[int], batch
     states ``hidden`` ``[n, H]`` of one layer are read through the model's final norm and LM head."""
     import torch
 
-    from common.layout import LLAMA, get_part, layout_of
+    from common.layout import final_readout, read_out
 
-    layout = layout_of(model) or LLAMA
-    norm, head = get_part(model, layout.final_norm), get_part(model, layout.lm_head)
+    norm, head = final_readout(model)
     if head is None:
-        raise ProbeError(f"model {type(model).__name__} has no LM head at {layout.lm_head!r}; the logit lens needs one")
+        raise ProbeError(f"model {type(model).__name__} has no LM head; the logit lens needs one")
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     if ids.numel() == 0:
         raise ProbeError("no refusal token ids for the logit lens; pass the tokenizer's refusal first tokens")
-    param = next(head.parameters())
     out = []
     with torch.inference_mode():
         for start in range(0, len(hidden), batch_size):
-            h = torch.as_tensor(np.asarray(hidden[start:start + batch_size]), dtype=param.dtype, device=param.device)
-            if norm is not None:
-                h = norm(h)
-            probs = torch.softmax(head(h).float(), dim=-1)
+            probs = torch.softmax(read_out(norm, head, torch.as_tensor(np.asarray(hidden[start:start + batch_size]))), dim=-1)
             out.append(probs[:, ids.to(probs.device)].sum(-1).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 

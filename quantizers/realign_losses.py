@@ -87,14 +87,12 @@ class ParentTargets:
 
 def _final_readout(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
     """The model's final norm (None when it has none) and LM head, frozen."""
-    from common.layout import LLAMA, get_part, layout_of
+    from common.layout import final_readout
 
-    layout = layout_of(model) or LLAMA
-    norm, head = get_part(model, layout.final_norm), get_part(model, layout.lm_head)
+    norm, head = final_readout(model)
     if head is None:
         raise QuantizerError(
-            f"qrealign loss term 'output' reads the LM head, but {type(model).__name__} has none at "
-            f"{layout.lm_head!r}; use loss=paper"
+            f"qrealign loss term 'output' reads the LM head, but {type(model).__name__} has none; use loss=paper"
         )
     for p in [*(norm.parameters() if norm is not None else ()), *head.parameters()]:
         p.requires_grad_(False)
@@ -103,11 +101,9 @@ def _final_readout(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
 
 def _readout_log_probs(norm: nn.Module | None, head: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``log_softmax(head(norm(h)))`` in float32 for last-token states ``h`` ``[m, H]``."""
-    param = next(head.parameters())
-    x = h.to(param.dtype)
-    if norm is not None:
-        x = norm(x)
-    return torch.log_softmax(head(x).float(), dim=-1)
+    from common.layout import read_out
+
+    return torch.log_softmax(read_out(norm, head, h), dim=-1)
 
 
 @torch.no_grad()
