@@ -1,0 +1,48 @@
+"""bench/bench_aaq.py end to end on the toy pair: every row is quantized in its own process, one
+audit scores them, and the table, the pairs and the goal check come out of that audit's summary.
+Checks an invariant the bench must keep: AAQ at alpha 0 is OST (same steps, data and seed), so
+their rows have the same perplexity and the same per-prompt refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_bench_aaq_toy_table(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "bench/bench_aaq.py", "--model", "toy-chat", "--schemes", "w4a4kv4",
+           "--sections", "main", "grid", "--alphas", "0", "--ks", "500", "--options", "steps=2",
+           "--calib-samples", "4", "--calib-len", "64", "--sets", "harmful", "benign",
+           "--perplexity-text", "toy-heldout", "--judges", "refusal-phrases", "--limit", "6", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = done.stdout.split("## AAQ on toy-chat", 1)[1]
+    for name in ("fp", "rtn-w4a4kv4", "gptq-w4a4kv4", "quarot-w4a4kv4", "ost-w4a4kv4", "aaq-w4a4kv4",
+                 "aaq-a0-k500-w4a4kv4"):
+        assert f"| {name} |" in table
+    assert "aaq-w4a4kv4 vs ost-w4a4kv4 | harmful" in table
+    assert "w4a4kv4: AAQ perplexity within 1.1x of OST's:" in table
+
+    summary = json.loads((out / "audit" / "summary.json").read_text())
+    metrics = {v["name"]: v["metrics"] for v in summary["variants"]}
+    assert metrics["aaq-a0-k500-w4a4kv4"]["perplexity"] == pytest.approx(metrics["ost-w4a4kv4"]["perplexity"], rel=1e-6)
+    rows = [json.loads(line) for line in (out / "audit" / "rows.jsonl").read_text().splitlines()]
+    verdicts = {(r["variant"], r["set"], r["id"]): (r["response"], r["verdict"]) for r in rows}
+    for (variant, s, i), verdict in verdicts.items():
+        if variant == "ost-w4a4kv4":
+            assert verdicts[("aaq-a0-k500-w4a4kv4", s, i)] == verdict
+    for name in ("ost-w4a4kv4", "aaq-w4a4kv4"):
+        cost = json.loads((out / "variants" / name / "bench.json").read_text())
+        assert cost["peak_rss_bytes"] > 100 * 2**20 and cost["wall_seconds"] > 0
+
+    # A second run resumes: no row is quantized again.
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "quantizing" not in again.stdout
