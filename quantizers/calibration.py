@@ -149,6 +149,29 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
         return 0
 
 
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, schedule: str, steps: int,
+                           warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The factor on every group's learning rate per step: a linear warm-up over ``warmup_steps``
+    (a rotation trained at its full rate from a random Hadamard start can overshoot on the first
+    steps), then ``constant`` or ``cosine`` decay to 0. None when the rate never changes."""
+    if schedule not in ("constant", "cosine"):
+        raise QuantizerError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
+    if not 0 <= warmup_steps < steps:
+        raise QuantizerError(f"warm-up steps ({warmup_steps}) must be >= 0 and below the steps ({steps})")
+    if schedule == "constant" and warmup_steps == 0:
+        return None
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        done = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def run_calibration(
     loss_fn: LossFn,
     params: Iterable[nn.Parameter] | Sequence[Mapping[str, Any]],
@@ -158,6 +181,7 @@ def run_calibration(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     schedule: Literal["constant", "cosine"] = "constant",
+    warmup_steps: int = 0,
     grad_clip: float | None = None,
     guard: DivergenceGuard | Sequence[DivergenceGuard] | None = None,
     stage: str = "calibrate",
@@ -172,7 +196,9 @@ def run_calibration(
     parameter groups (dicts with ``params`` and their own ``lr``/``weight_decay``). The returned
     :class:`CalibrationLog` holds every logged term per step (``loss`` is always logged).
     ``guard`` is one :class:`DivergenceGuard` or several (each watching its own term; the first to
-    trip decides). ``loss_fn_backpropagates``: ``loss_fn`` has already filled the gradients
+    trip decides). ``schedule``: the learning rate after ``warmup_steps`` steps of linear warm-up
+    (step ``i`` of the warm-up runs at ``(i + 1) / (warmup_steps + 1)`` of it): ``constant``, or
+    ``cosine`` decay to 0 over the remaining steps. ``loss_fn_backpropagates``: ``loss_fn`` has already filled the gradients
     (gradient accumulation over micro-batches) and its loss is only logged and guarded. Raises
     :class:`QuantizerError` on a non-finite loss or, with ``action == "error"``, on divergence.
     """
@@ -186,12 +212,7 @@ def run_calibration(
     for g in groups:
         g.setdefault("weight_decay", weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    scheduler = None
-    if schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
-    elif schedule != "constant":
-        raise QuantizerError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
-
+    scheduler = learning_rate_schedule(optimizer, schedule, steps, warmup_steps)
     log = CalibrationLog(stage=stage, steps_planned=steps)
     guards = [] if guard is None else [guard] if isinstance(guard, DivergenceGuard) else list(guard)
     watched_start: dict[str, float] = {}

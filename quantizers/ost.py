@@ -101,7 +101,9 @@ class OSTOptions(WeightStepOptions):
     once). ``hold_weights``: transform each layer's weights once per step, outside the
     checkpointed region, and hold them for every micro-batch (``fused_forward``; ``auto``: when
     the step checkpoints or accumulates, where it saves a weight transform per micro-batch
-    forward; true; false). Plus the weight step's ``weights`` (auto: GPTQ) and ``mse_clip``.
+    forward; true; false). ``schedule`` / ``warmup``: the learning rates' schedule after
+    ``warmup`` steps of linear warm-up (``constant``, the default, or ``cosine`` decay to 0;
+    ``quantizers.calibration.learning_rate_schedule``). Plus the weight step's ``weights`` (auto: GPTQ) and ``mse_clip``.
     """
 
     steps: int = 100
@@ -121,6 +123,8 @@ class OSTOptions(WeightStepOptions):
     ste_weights: Literal["auto", "on", "off"] = "auto"
     micro_batches: int = 1
     hold_weights: bool | Literal["auto"] = "auto"
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -141,6 +145,8 @@ class OSTOptions(WeightStepOptions):
             raise QuantizerError("micro_batches and hold_weights need engine=fused")
         if self.engine == "parametrize" and self.ste_weights == "on":
             raise QuantizerError("ste_weights=on needs engine=fused (the parametrize engine trains full-precision weights)")
+        if not 0 <= self.warmup < self.steps:
+            raise QuantizerError(f"warmup={self.warmup} must be >= 0 and below steps={self.steps}")
 
 
 def _orthogonality_error(r: torch.Tensor) -> float:
@@ -285,7 +291,7 @@ class OSTQuantizer(TransformQuantizer):
 
         with self._installed(engine, chains):
             log_ = run_calibration(
-                loss_fn, groups, batches, opts.steps,
+                loss_fn, groups, batches, opts.steps, schedule=opts.schedule, warmup_steps=opts.warmup,
                 guard=[DivergenceGuard(t, factor=opts.guard_factor, action=opts.guard_action) for t in self.guard_terms],
                 stage=self.name, progress=ctx.progress, device=device, loss_fn_backpropagates=accumulate,
             )

@@ -1,6 +1,7 @@
 """The shared calibration loop and block-input capture, on the real toy chat model."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -101,3 +102,37 @@ def test_several_guards_the_first_to_trip_decides():
     log = run_calibration(loss_fn, [x], [None], steps=1000, lr=0.5, show_progress=False,
                           guard=[DivergenceGuard("push", factor=5.0), DivergenceGuard("pull", factor=5.0)])
     assert log.stopped_early.startswith("pull term diverged")
+
+
+@pytest.mark.parametrize("schedule,warmup", [("constant", 0), ("constant", 3), ("cosine", 0), ("cosine", 2)])
+def test_learning_rate_schedule_is_what_every_step_runs_at(schedule, warmup):
+    """With a constant unit gradient AdamW moves a parameter by exactly its learning rate each
+    step, so the parameter's steps read the schedule back."""
+    x = torch.nn.Parameter(torch.zeros(1))
+    seen = []
+
+    def loss_fn(batch, step):
+        seen.append(float(x.detach()))
+        return x.sum(), {}
+
+    steps, lr = 8, 0.1
+    run_calibration(loss_fn, [x], [None], steps=steps, lr=lr, schedule=schedule, warmup_steps=warmup,
+                    show_progress=False)
+    moved = [a - b for a, b in zip(seen, seen[1:])]
+    expected = []
+    for i in range(steps - 1):
+        if i < warmup:
+            expected.append((i + 1) / (warmup + 1))
+        elif schedule == "constant":
+            expected.append(1.0)
+        else:
+            expected.append(0.5 * (1 + math.cos(math.pi * (i - warmup) / (steps - warmup))))
+    assert moved == pytest.approx([lr * f for f in expected], rel=1e-4)
+
+
+def test_bad_schedule_is_a_clear_error():
+    x = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(QuantizerError, match="unknown learning-rate schedule 'linear'"):
+        run_calibration(lambda b, s: (x.sum(), {}), [x], [None], steps=4, schedule="linear", show_progress=False)
+    with pytest.raises(QuantizerError, match="warm-up steps"):
+        run_calibration(lambda b, s: (x.sum(), {}), [x], [None], steps=4, warmup_steps=4, show_progress=False)

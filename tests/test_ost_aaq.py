@@ -102,6 +102,22 @@ def test_ost_rejects_bad_options(toy_chat, batches):
         build_quantizer("ost", {"learn_r1": "false", "learn_r2": "false", "learn_scales": "false"})
     with pytest.raises(QuantizerError, match="alpha"):
         build_quantizer("aaq", {"alpha": "-1"})
+    with pytest.raises(QuantizerError, match="warmup=4 must be >= 0 and below steps=4"):
+        build_quantizer("ost", {"steps": "4", "warmup": "4"})
+
+
+def test_ost_warmup_starts_the_rotations_slower(toy_chat, batches, one_thread):
+    """The first step's loss is the same (nothing trained yet); after it a warmed-up run has
+    moved less. warmup=0 with the constant schedule is the default path, value for value."""
+    curves = {}
+    for label, options in [("default", {}), ("none", {"warmup": "0", "schedule": "constant"}),
+                           ("warm", {"warmup": "3", "schedule": "cosine"})]:
+        q = build_quantizer("ost", {"steps": 4, "max_batches": 1, "weights": "rtn", **options})
+        q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", _ctx(toy_chat, batches))
+        curves[label] = q.metadata["calibration"]["curves"]["kl_top"]
+    assert curves["none"] == curves["default"]
+    assert curves["warm"][0] == pytest.approx(curves["default"][0], rel=1e-6)
+    assert curves["warm"][1] != pytest.approx(curves["default"][1], rel=1e-6)
 
 
 class _GradCapture:
