@@ -674,7 +674,9 @@ class QRealignBlock:
         results = {name: m.quantized() for name, m in self.linears.items()}
         detach_chains(self._chains)  # the smoothed values stay: norm weights, biases, weights
         for name, m in self.linears.items():
-            m.linear.weight.copy_(results[name][0].to(m.linear.weight.dtype))
+            # + 0.0: the fused fake-quant gives -0.0 where a weight rounds to zero from below, the
+            # formula +0.0; equal values, and with this the same bytes in the saved model
+            m.linear.weight.copy_((results[name][0] + 0.0).to(m.linear.weight.dtype))
         self.remove()
 
     def remove(self) -> None:
