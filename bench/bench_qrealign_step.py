@@ -6,6 +6,7 @@ threads, side by side in one process.
 
     python bench/bench_qrealign_step.py                          # smol-chat-eroded, blocks 0 and 20, 1 and 2 threads
     python bench/bench_qrealign_step.py --threads 1 --profile    # plus a torch.profiler table per mode
+    python bench/bench_qrealign_step.py --threads 1 --clock cpu --modes benign malicious   # CPU ms, two modes
 
 A step is what ``QRealignQuantizer._calibrate_block`` runs per calibration sample (batch 1, the
 paper's recipe): the block's forward with learnable clipping and smoothing installed
@@ -27,7 +28,10 @@ per-channel activation maxima of those prompts. The modes run interleaved in ``-
 of ``--steps`` steps each, cycling over ``--prompts`` prompts; the table gives the median over
 rounds of the mean ms per step, and the full recipe's block-step time it implies
 (``n_prompts x sum over blocks of epochs``, 75% malicious) for a step cost averaged over the
-measured blocks. Results go to ``--out`` (default runs/bench_qrealign_step, git-ignored).
+measured blocks. ``--clock cpu`` times the process's CPU time instead of the wall clock: on a
+shared machine, with one thread, that is the step's work without the time other processes hold
+the core. glibc malloc is tuned as the CLI tunes it (``common/allocator.py``). Results go to
+``--out`` (default runs/bench_qrealign_step, git-ignored).
 """
 
 from __future__ import annotations
@@ -87,23 +91,26 @@ def time_block(model, index: int, scheme, stats, data: dict, args) -> dict[str, 
 
         block = QRealignBlock(model, index, scheme, QRealignOptions(), stats, fused=fused).install()
         try:
+            cpu0 = time.process_time()
             with torch.enable_grad():
                 cal = run_calibration(loss_fn, block.param_groups(), rows, args.steps, show_progress=False)
+            cpu = time.process_time() - cpu0
         finally:
             block.remove()
-        return 1000.0 * cal.seconds / cal.steps_run
+        return 1000.0 * (cpu if args.clock == "cpu" else cal.seconds) / cal.steps_run
 
     def no_grad_pass(frozen: bool | None) -> float:
         """ms per sample of the no-grad forward: the learnable block with per-call (False) or
         frozen (True) quantized weights, or the FP block (None)."""
         block = QRealignBlock(model, index, scheme, QRealignOptions(), stats).install() if frozen is not None else None
         rows = mal + ben
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
         try:
-            t0 = time.perf_counter()
+            t0 = clock()
             with block.frozen() if frozen else torch.no_grad():
                 for s in range(args.steps):
                     run_layer(layer, hidden[rows[s % len(rows)]], kwargs[rows[s % len(rows)]])
-            return 1000.0 * (time.perf_counter() - t0) / args.steps
+            return 1000.0 * (clock() - t0) / args.steps
         finally:
             if block is not None:
                 block.remove()
@@ -118,7 +125,8 @@ def time_block(model, index: int, scheme, stats, data: dict, args) -> dict[str, 
         "propagate": lambda: no_grad_pass(True),
         "fp-target": lambda: no_grad_pass(None),
     }
-    times: dict[str, list[float]] = {m: [] for m in MODES}
+    runs = {m: runs[m] for m in args.modes}
+    times: dict[str, list[float]] = {m: [] for m in args.modes}
     for _ in range(args.warmup_rounds):
         for run in runs.values():
             run()
@@ -135,7 +143,7 @@ def profile(runs: dict, index: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for mode in ("benign-before", "benign", "malicious-before", "malicious"):
+    for mode in [m for m in ("benign-before", "benign", "malicious-before", "malicious") if m in runs]:
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             runs[mode]()
         print(f"\n== profile: block {index}, {mode} (one round)")
@@ -163,10 +171,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16, help="steps per mode per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup-rounds", type=int, default=1)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or the process's CPU time (one thread on a loaded machine: the work, without "
+                         "the time other processes hold the core; summed over threads with more than one)")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to time (default: all)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables (first thread count)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_qrealign_step"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from common.allocator import tune_glibc_malloc
+
+    tune_glibc_malloc()  # as the CLI does: freed tensor memory stays in the process
     import torch
 
     from harness.calibration_data import load_calibration_prompts
@@ -203,19 +218,20 @@ def main(argv=None) -> int:
             log.info("block %d, %d thread(s): %s", index, threads, med)
             args.profile = False
     lines = [f"{args.model} {scheme.label}, prompts of {results['tokens_mean']:.1f} tokens "
-             f"({min(tokens)}-{max(tokens)}); median ms per step over {args.rounds} rounds of {args.steps}",
-             f"{'block':>5} {'thr':>3} " + " ".join(f"{m:>16}" for m in MODES)]
+             f"({min(tokens)}-{max(tokens)}); median {args.clock} ms per step over {args.rounds} rounds of {args.steps}",
+             f"{'block':>5} {'thr':>3} " + " ".join(f"{m:>16}" for m in args.modes)]
     for index, per_thread in results["blocks"].items():
         for threads, r in per_thread.items():
-            lines.append(f"{index:>5} {threads:>3} " + " ".join(f"{r['median_ms'][m]:>16.2f}" for m in MODES))
+            lines.append(f"{index:>5} {threads:>3} " + " ".join(f"{r['median_ms'][m]:>16.2f}" for m in args.modes))
     for threads in map(str, args.threads):
         mean = {m: statistics.mean(results["blocks"][str(b)][threads]["median_ms"][m] for b in args.blocks)
-                for m in MODES}
-        before = recipe_minutes(mean, 200, n_blocks, 0.75, "malicious-before", "benign-before")
-        after = recipe_minutes(mean, 200, n_blocks, 0.75, "malicious", "benign")
-        results.setdefault("recipe_minutes", {})[threads] = {"before": round(before, 1), "after": round(after, 1)}
-        lines.append(f"full recipe block steps ({threads} thread(s), mean of the blocks above): "
-                     f"{before:.1f} min before, {after:.1f} min now")
+                for m in args.modes}
+        for label, mal, ben in (("before", "malicious-before", "benign-before"), ("now", "malicious", "benign")):
+            if mal in mean and ben in mean:
+                minutes = recipe_minutes(mean, 200, n_blocks, 0.75, mal, ben)
+                results.setdefault("recipe_minutes", {}).setdefault(threads, {})[label] = round(minutes, 1)
+                lines.append(f"full recipe block steps ({threads} thread(s), mean of the blocks above, {label}): "
+                             f"{minutes:.1f} min")
     print("\n".join(lines))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

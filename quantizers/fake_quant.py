@@ -39,6 +39,8 @@ __all__ = [
     "mse_clip_search",
     "grid_params",
     "quantize_to_grid",
+    "RangeStats",
+    "range_stats",
 ]
 
 ClipArg = float | torch.Tensor
@@ -139,98 +141,148 @@ def _fq_grouped(
     return _to_grid(x, scale, zero, bits)
 
 
+class RangeStats:
+    """Per-vector range of a tensor ``x`` ``[..., g]`` (grouped, compute dtype) and where it is
+    reached: what :class:`_FusedFakeQuant` needs of ``x`` besides ``x`` itself.
+
+    ``bottom``/``top`` are ``min``/``max`` of each last-dim vector (keepdim). :meth:`extremes`
+    gives float masks of the elements at the upper and lower end of the range (asymmetric: at
+    ``max`` and ``min``; symmetric: at ``max|x|``, signed, ``+1`` at ``+max|x|`` and ``-1`` at
+    ``-max|x|``) with the number of such elements per vector: ties share the range's gradient
+    evenly, as autograd's ``amax``/``amin`` backward does. A constant tensor (a weight no
+    learnable transform changes) is measured once with :func:`range_stats` and passed to every
+    ``fake_quant(..., fused=True, stats=...)`` call, which then skips those passes.
+    """
+
+    def __init__(self, x: torch.Tensor, symmetric: bool) -> None:
+        self.bottom = x.amin(dim=-1, keepdim=True)
+        self.top = x.amax(dim=-1, keepdim=True)
+        self.symmetric = symmetric
+        self._x: torch.Tensor | None = x
+        self._extremes: tuple | None = None
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """``max|x|`` per vector, equal to ``x.abs().amax(-1, keepdim=True)`` (abs is exact)."""
+        return torch.maximum(self.top, -self.bottom)
+
+    def extremes(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """``((mask, count), ...)``: one pair for symmetric, (upper, lower) for asymmetric; float
+        masks of ``x``'s shape, counts ``[..., 1]``. Computed on first use (the backward pass);
+        comparisons write float outputs, several times faster on the CPU than bool masks."""
+        if self._extremes is None:
+            x = self._x
+            pairs = ((x.abs(), self.absmax),) if self.symmetric else ((x, self.top), (x, self.bottom))
+            masks = [torch.eq(a, b, out=torch.empty_like(x)) for a, b in pairs]
+            self._extremes = tuple((m, m.sum(dim=-1, keepdim=True)) for m in masks)
+            if self.symmetric:
+                masks[0].copysign_(x)  # sign(x) where |x| is the maximum
+            self._x = None
+        return self._extremes
+
+    def matches(self, x: torch.Tensor, symmetric: bool) -> bool:
+        return symmetric == self.symmetric and tuple(self.top.shape[:-1]) == tuple(x.shape[:-1])
+
+
+def range_stats(x: torch.Tensor, *, group_size: int | None = None, symmetric: bool = True) -> RangeStats:
+    """:class:`RangeStats` of ``x`` as :func:`fake_quant` groups it (compute dtype), for a tensor
+    fake-quantized many times without changing (its extremes are measured once, if ever needed)."""
+    return RangeStats(_group(x.detach().to(_compute_dtype(x)), group_size), symmetric)
+
+
 class _FusedFakeQuant(torch.autograd.Function):
     """:func:`_fq_grouped` with its straight-through gradient written out by hand.
 
     Autograd through :func:`_fq_grouped` records about fifteen full-size elementwise ops and
     replays twice as many in the backward pass; for learnable weight clipping, where the weights
     are re-quantized at every step, those passes over the weight matrices cost more than the
-    block's matmuls (Q-realign on SmolLM2: about half of a block step). This computes the same
-    forward values (the same ops in the same order, so bit for bit) in place, and the backward
-    pass from the closed form of the same derivative (STE rounding, ``clamp`` passing the gradient
-    inside the grid bounds inclusive, ``amax``/``amin`` splitting it evenly over ties, the zero
-    point's and the scale's dependence on the range and the clip ratios), equal to autograd's to
-    float rounding (``tests/test_fake_quant.py``). With ``x`` of shape ``[..., g]`` and one scale
-    ``s`` (and zero point ``z``) per last-dim vector, ``out = (clamp(round(x / s) + z, lo, hi) - z) * s``:
+    block's matmuls (Q-realign on SmolLM2). This node makes few passes over ``x`` and only cheap
+    ones (float outputs, scalar or broadcast operands; no bool masks, no index ops, which are
+    several times slower on the CPU). Forward: ``amin``/``amax`` (skipped with cached
+    ``stats``), divide, round, clamp (the asymmetric zero point moves into the clamp bounds:
+    ``clamp(q + z, 0, qmax) - z == clamp(q, -z, qmax - z)`` for whole numbers, the same values,
+    except that a weight rounding to zero from below is ``-0.0``), a float mask of the elements
+    inside the grid, the rescale. With ``x`` of shape ``[..., g]`` and one scale ``s`` (and zero
+    point ``z``) per last-dim vector, ``out = (clamp(round(x / s) + z, lo, hi) - z) * s``:
 
     * ``dL/dx = G * inside`` plus, at the range's extreme elements, the gradient of the range;
     * ``dL/ds = sum(G * (out - inside * x)) / s`` (asymmetric, plus the zero point's share
       ``-sum(G * outside) * lo / s``, where ``lo`` is the clipped lower bound).
+
+    Equal to autograd's gradients to float rounding (``tests/test_fake_quant.py``).
     """
 
     @staticmethod
-    def forward(ctx, x, clip, clip_low, bits, symmetric):
+    def forward(ctx, x, clip, clip_low, bits, symmetric, stats):
         c = clip
         cl = clip if clip_low is None else clip_low
-        bottom = lo_raw = None
+        if stats is None or not stats.matches(x, symmetric):
+            stats = RangeStats(x, symmetric)
         if symmetric:
             qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-            top = x.abs().amax(dim=-1, keepdim=True)
-            scale0 = top * c / qmax
+            scale0 = stats.absmax * c / qmax
         else:
             qmin, qmax = 0, 2**bits - 1
-            bottom, top = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-            lo_raw = torch.clamp(bottom, max=0.0)
-            scale0 = (torch.clamp(top, min=0.0) * c - lo_raw * cl) / qmax
+            lo_raw = torch.clamp(stats.bottom, max=0.0)
+            scale0 = (torch.clamp(stats.top, min=0.0) * c - lo_raw * cl) / qmax
         in_range = scale0 > 0
         scale = torch.where(in_range, scale0, torch.ones_like(scale0))
         q = torch.div(x, scale).round_()
-        zero = None
-        if not symmetric:
+        if symmetric:
+            out = torch.clamp(q, qmin, qmax)
+        else:
             zero = torch.round(-(lo_raw * cl) / scale)
-            q.add_(zero)
-        clamped = torch.clamp(q, qmin, qmax)
-        inside = _is_zero(q.sub_(clamped))  # q and clamped are whole numbers: 1.0 inside the grid, else 0.0
-        if zero is not None:
-            clamped.sub_(zero)
-        out = clamped.mul_(scale)
+            # clamp with two tensor bounds is slow on the CPU; clamp_min + clamp_max_ are not
+            out = torch.clamp_min(q, -zero).clamp_max_(qmax - zero)
+        inside = torch.eq(q, out, out=q)  # float, in q's memory: 1.0 inside the grid, 0.0 where clamped
+        out.mul_(scale)
         ctx.symmetric, ctx.qmax, ctx.own_low = symmetric, qmax, clip_low is not None
         ctx.clips = (c, cl)  # floats, or tensors (saved below)
-        ctx.save_for_backward(x, out, scale, inside, in_range, top, bottom,
+        ctx.stats = stats
+        ctx.save_for_backward(x, out, scale, inside, in_range,
                               c if isinstance(c, torch.Tensor) else None,
                               cl if isinstance(cl, torch.Tensor) else None)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, out, scale, inside, in_range, top, bottom, c_t, cl_t = ctx.saved_tensors
+        x, out, scale, inside, in_range, c_t, cl_t = ctx.saved_tensors
+        stats: RangeStats = ctx.stats
         c = c_t if c_t is not None else ctx.clips[0]
         cl = cl_t if cl_t is not None else ctx.clips[1]
         qmax = ctx.qmax
-        gx = grad * inside
-        d_scale = torch.linalg.vecdot(grad, out - x * inside).unsqueeze(-1) / scale
+        want_x = ctx.needs_input_grad[0]  # False for a constant weight: only the clip ratios learn
+        gx = grad * inside if want_x else None
+        d_scale = torch.linalg.vecdot(grad, torch.addcmul(out, x, inside, value=-1.0)).unsqueeze(-1) / scale
         if ctx.symmetric:
             d_scale0 = torch.where(in_range, d_scale, 0.0)
             d_top_clipped = d_scale0 / qmax  # d(top * c)
-            d_c, d_cl = d_top_clipped * top, None
-            at_top = _is_zero(top - x.abs())  # 1.0 where |x| is the maximum (ties share the gradient)
-            share = d_top_clipped * c / at_top.sum(dim=-1, keepdim=True)
-            gx.addcmul_(at_top.mul_(torch.sign(x)), share)
+            d_c, d_cl = d_top_clipped * stats.absmax, None
+            if want_x:
+                (at, count), = stats.extremes()  # sign(x) where |x| is the maximum (ties share the gradient)
+                gx.addcmul_(at, d_top_clipped * c / count)
         else:
-            lo_raw = torch.clamp(bottom, max=0.0)
-            outside = grad.sum(dim=-1, keepdim=True) - gx.sum(dim=-1, keepdim=True)  # sum(G) where clamped
+            lo_raw = torch.clamp(stats.bottom, max=0.0)
+            g_inside = gx.sum(dim=-1) if want_x else torch.linalg.vecdot(grad, inside)
+            outside = (grad.sum(dim=-1) - g_inside).unsqueeze(-1)  # sum(G) where clamped
             d_scale = d_scale - outside * (lo_raw * cl) / scale  # the zero point's share
             d_scale0 = torch.where(in_range, d_scale, 0.0)
             d_hi = d_scale0 / qmax
             d_lo = outside - d_scale0 / qmax
-            d_c = d_hi * torch.clamp(top, min=0.0)
+            d_c = d_hi * torch.clamp(stats.top, min=0.0)
             d_cl = d_lo * lo_raw
             if not ctx.own_low:
                 d_c, d_cl = d_c + d_cl, None
-            for at, d_ext, keep in ((_is_zero(top - x), d_hi * c, top >= 0), (_is_zero(x - bottom), d_lo * cl, bottom <= 0)):
-                gx.addcmul_(at, torch.where(keep, d_ext, 0.0) / at.sum(dim=-1, keepdim=True))
+            if want_x:
+                (at_hi, n_hi), (at_lo, n_lo) = stats.extremes()
+                for at, n, d_ext, keep in ((at_hi, n_hi, d_hi * c, stats.top >= 0),
+                                           (at_lo, n_lo, d_lo * cl, stats.bottom <= 0)):
+                    gx.addcmul_(at, torch.where(keep, d_ext, 0.0) / n)
         grads = [gx, None, None]
         for i, (t, d) in enumerate(((c_t, d_c), (cl_t, d_cl)), start=1):
             if t is not None and d is not None and ctx.needs_input_grad[i]:
                 grads[i] = d.sum_to_size(t.shape)
-        return grads[0], grads[1], grads[2], None, None
-
-
-def _is_zero(diff: torch.Tensor) -> torch.Tensor:
-    """``1.0`` where ``diff == 0`` else ``0.0``, for ``diff`` of whole numbers or of one sign, in
-    float arithmetic (overwrites ``diff``): on the CPU several times faster than a comparison
-    and a ``torch.where`` over a bool mask."""
-    return diff.abs_().sign_().neg_().add_(1.0)
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def grid_params(
@@ -270,6 +322,7 @@ def fake_quant(
     clip_ratio: ClipArg = 1.0,
     clip_ratio_low: ClipArg | None = None,
     fused: bool = False,
+    stats: RangeStats | None = None,
 ) -> torch.Tensor:
     """Fake-quantize along the last dimension, one scale per vector or per ``group_size`` elements.
 
@@ -278,7 +331,9 @@ def fake_quant(
     Either may be a tensor (see :func:`_expand_clip` for shapes); gradients flow into it.
     ``bits >= 16`` returns ``x`` unchanged. ``fused``: the same values and (to float rounding)
     gradients from one hand-written autograd node (:class:`_FusedFakeQuant`), several times
-    cheaper in the backward pass; for tensors re-quantized at every training step.
+    cheaper in the backward pass; for tensors re-quantized at every training step. ``stats``
+    (fused only): the :func:`range_stats` of ``x``, measured once for a tensor that does not
+    change between calls (it must be ``x``'s; ignored when its shape or symmetry does not fit).
     """
     _check_bits(bits)
     if bits >= 16:
@@ -289,7 +344,7 @@ def fake_quant(
     clip = _expand_clip(clip_ratio, grouped)
     clip_low = _expand_clip(clip_ratio_low, grouped)
     if fused:
-        out = _FusedFakeQuant.apply(grouped, clip, clip_low, bits, symmetric)
+        out = _FusedFakeQuant.apply(grouped, clip, clip_low, bits, symmetric, stats)
     else:
         out = _fq_grouped(grouped, bits, symmetric, clip, clip_low)
     return _ungroup(out, x.shape).to(dtype)
@@ -304,17 +359,19 @@ def fake_quant_weight(
     clip_ratio: ClipArg = 1.0,
     clip_ratio_low: ClipArg | None = None,
     fused: bool = False,
+    stats: RangeStats | None = None,
 ) -> torch.Tensor:
     """Weight ``[out, in]``: per output channel (``group_size=None``) or per group of input columns.
 
     ``clip_ratio`` may be a per-row ``[out]`` or per-group ``[out, in // group_size]`` tensor, e.g.
-    the result of :func:`mse_clip_search` or a learnable parameter; ``fused`` as in :func:`fake_quant`.
+    the result of :func:`mse_clip_search` or a learnable parameter; ``fused`` and ``stats`` as in
+    :func:`fake_quant`.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     return fake_quant(
         weight, bits, group_size=group_size, symmetric=symmetric, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
-        fused=fused,
+        fused=fused, stats=stats,
     )
 
 

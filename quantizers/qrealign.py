@@ -66,7 +66,7 @@ from .calibration import (
     run_calibration,
     run_layer,
 )
-from .fake_quant import fake_quant_activation, fake_quant_weight
+from .fake_quant import RangeStats, fake_quant_activation, fake_quant_weight, range_stats
 from .modules import default_weight_fn, enable_kv_quant, quantize_linear_layers
 from .pipeline import Block, BlockPipeline
 from .scheme import QuantScheme
@@ -524,6 +524,7 @@ class _LearnableLinear(nn.Module):
         self.clip_low: nn.Parameter | None = None
         #: ``quantized()`` computed once for no-grad forwards (:meth:`QRealignBlock.frozen`)
         self.frozen: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._stats: tuple[tuple[int, int], RangeStats] | None = None
         if self.quantize:
             out_f, in_f = linear.weight.shape
             g = scheme.w_group_size
@@ -537,6 +538,21 @@ class _LearnableLinear(nn.Module):
     def clip_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.clip_up, self.clip_low) if p is not None]
 
+    def _range_stats(self) -> RangeStats | None:
+        """The weight's per-channel range when no smoothing scale changes it (down_proj; every
+        Linear without smoothing), measured once and reused while the weight tensor is the same;
+        None for a smoothed weight, which changes at every step."""
+        from torch.nn.utils import parametrize
+
+        if not self.fused or parametrize.is_parametrized(self.linear, "weight"):
+            return None
+        weight = self.linear.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._stats is None or self._stats[0] != key:
+            s = self.scheme
+            self._stats = (key, range_stats(weight.float(), group_size=s.w_group_size, symmetric=s.w_symmetric))
+        return self._stats[1]
+
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight as the quantized layer will hold it (learned clipping applied) and the bias."""
         w = self.linear.weight.float()
@@ -548,6 +564,7 @@ class _LearnableLinear(nn.Module):
                 clip_ratio=torch.sigmoid(self.clip_up),
                 clip_ratio_low=torch.sigmoid(self.clip_low) if self.clip_low is not None else None,
                 fused=self.fused,  # re-quantized at every step: the hand-written backward is the cheap one
+                stats=self._range_stats(),
             )
         return w, b
 
@@ -657,7 +674,9 @@ class QRealignBlock:
         results = {name: m.quantized() for name, m in self.linears.items()}
         detach_chains(self._chains)  # the smoothed values stay: norm weights, biases, weights
         for name, m in self.linears.items():
-            m.linear.weight.copy_(results[name][0].to(m.linear.weight.dtype))
+            # + 0.0: the fused fake-quant gives -0.0 where a weight rounds to zero from below, the
+            # formula +0.0; equal values, and with this the same bytes in the saved model
+            m.linear.weight.copy_((results[name][0] + 0.0).to(m.linear.weight.dtype))
         self.remove()
 
     def remove(self) -> None:

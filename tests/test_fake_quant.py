@@ -9,6 +9,7 @@ from quantizers.fake_quant import (
     fake_quant_kv,
     fake_quant_weight,
     mse_clip_search,
+    range_stats,
     round_ste,
 )
 
@@ -243,3 +244,33 @@ def test_fused_fake_quant_with_a_float_clip_ratio():
         grads.append((out.detach(), w.grad))
     assert torch.equal(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_fused_fake_quant_of_a_constant_weight_with_cached_range(symmetric, group_size):
+    """A weight that needs no gradient (no learnable transform on it) with its range measured once
+    (``range_stats``, reused at every step): the same values as autograd and the same clip-ratio
+    gradients to float rounding; stats of another shape are not used."""
+    g = torch.Generator().manual_seed(7 + symmetric)
+    w = torch.randn(48, 160, generator=g) * 0.05
+    w[2, :3] = w[2].max()  # ties at the maximum
+    shape = (48,) if group_size is None else (48, -(-160 // group_size))
+    up0, low0 = 2.0 + torch.randn(shape, generator=g), 2.0 + torch.randn(shape, generator=g)
+    upstream = torch.randn(48, 160, generator=g)
+    cached = range_stats(w, group_size=group_size, symmetric=symmetric)
+    other = range_stats(w[:10], group_size=group_size, symmetric=symmetric)
+    results = []
+    for fused, stats in ((False, None), (True, None), (True, cached), (True, other), (True, cached)):
+        up, low = up0.clone().requires_grad_(True), low0.clone().requires_grad_(True)
+        q = fake_quant_weight(w, 8, group_size=group_size, symmetric=symmetric, clip_ratio=torch.sigmoid(up),
+                              clip_ratio_low=torch.sigmoid(low), fused=fused, stats=stats)
+        (q * upstream).sum().backward()
+        results.append((q.detach(), up.grad, low.grad))
+    (q_ref, *grads_ref), *rest = results
+    for q_got, *grads in rest:
+        assert torch.equal(q_got, q_ref)
+        for ref, got in zip(grads_ref, grads):
+            assert (ref is None) == (got is None)  # symmetric: no lower clip ratio
+            if ref is not None:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
