@@ -31,7 +31,8 @@ per step, bytes) to the fused OST job on truncated copies of the model, and extr
 7B Llama by scaling each coefficient with what it counts (see docs/quantizers.md).
 
     OMP_NUM_THREADS=1 python bench/bench_ost_cost.py [--model smollm2-135m-instruct] [--batch 4 --seq 256]
-    OMP_NUM_THREADS=1 python bench/bench_ost_cost.py --seq 2048 --micro-batches 4 --jobs plain plain-ckpt ost-ckpt aaq-ckpt
+    OMP_NUM_THREADS=1 python bench/bench_ost_cost.py --seq 2048 --micro-batches 4 --jobs plain plain-ckpt ost-ckpt aaq-ckpt \
+        --parallel 2 --no-fit
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +104,10 @@ JOBS = ("plain", "plain-ckpt", *TRANSFORM_JOBS)
 def _transform(method: str, options: dict, model, tokenizer, batches, steps: int, name: str, layers: int | None):
     from quantizers import QuantContext, build_quantizer
 
-    base = None
-    if method == "aaq":
-        base = _model(name, layers)[1]
     stamps: list[float] = []
-    ctx = QuantContext(tokenizer=tokenizer, calibration_batches=batches, base_model=base, seed=0,
+    # AAQ's base lives only in the context, as in `safequant quantize`: freed once its targets are cached
+    ctx = QuantContext(tokenizer=tokenizer, calibration_batches=batches, seed=0,
+                       base_model=_model(name, layers)[1] if method == "aaq" else None,
                        progress=lambda stage, i, n: stamps.append(time.process_time()) if stage == method else None)
     q = build_quantizer(method, {"steps": steps, "weights": "rtn", "autocast": "off", **options})
     q.apply(model, "w4a4kv4", ctx)
@@ -174,6 +175,9 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--jobs", nargs="+", default=["plain", "plain-ckpt", "ost", "aaq", "ost-old"], choices=JOBS,
                     help="jobs to run, in order (plain first: the ratios are to it; plain-ckpt before the memory ratios)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="jobs run at once, each its own one-thread process (CPU time per step does not depend "
+                         "on it; keep the sum of their peaks under the free memory)")
     ap.add_argument("--no-fit", action="store_true", help="skip the memory-model grid")
     ap.add_argument("--fit-layers", type=int, nargs="+", default=None,
                     help="decoder layers kept for the memory fit (default: a third and all)")
@@ -192,8 +196,11 @@ def main() -> None:
     print("| job | step (CPU s) | peak RSS (GiB) | step / plain | peak / plain-ckpt |")
     print("|---|---|---|---|---|")
     res = {}
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # each job its own one-thread child
+        running = {job: pool.submit(run_child, job, args, steps=args.old_steps if job == "ost-old" else None)
+                   for job in args.jobs}
     for job in args.jobs:
-        res[job] = r = run_child(job, args, steps=args.old_steps if job == "ost-old" else None)
+        res[job] = r = running[job].result()
         memory = f"{r['peak_rss'] / res['plain-ckpt']['peak_rss']:.2f}x" if "plain-ckpt" in res else "-"
         print(f"| {job} | {r['step_s']:.2f} | {r['peak_rss'] / GIB:.2f} | {r['step_s'] / res['plain']['step_s']:.2f}x | "
               f"{memory} |", flush=True)

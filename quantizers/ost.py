@@ -161,7 +161,9 @@ class OSTQuantizer(TransformQuantizer):
     description = "OSTQuant: learned orthogonal rotations + diagonal scales (KL-top loss), fused, then GPTQ/RTN"
     Options = OSTOptions
     requires_calibration = True
-    uses_reference_model = True  # the FP teacher's targets
+    # The FP teacher's targets are cached before any change (the model itself when no reference is
+    # given), so `safequant quantize` trains the subject in place: no second full model.
+    uses_reference_model = False
     #: The logged loss terms the divergence guards watch (each against ``guard_factor``).
     guard_terms: ClassVar[tuple[str, ...]] = ("kl_top",)
     #: Keys of :meth:`batch_targets`' diagnostics logged with the loss terms at every step.
@@ -227,10 +229,13 @@ class OSTQuantizer(TransformQuantizer):
         batches = all_batches[: opts.max_batches] if opts.max_batches else all_batches
         batches = batches[: opts.steps]  # steps cycle through the batches; the rest never run
         frozen = self.frozen_models(model, ctx)  # before any change: the subject is still full precision
-        for m in frozen.values():
-            m.eval()
+        for frozen_model in frozen.values():
+            frozen_model.eval()
         targets, diagnostics = self.cache_targets(frozen, batches, device)
-        del frozen  # only the cached targets are needed from here on
+        # Only the cached targets are needed from here on: drop every reference to the frozen
+        # models (AAQ's base, a separate FP copy) so that one model is in memory while training.
+        del frozen, frozen_model
+        ctx.release("reference_model", "base_model")
         self.summarize_targets(diagnostics)
 
         parts = self.prepare(model, scheme)
