@@ -152,6 +152,23 @@ def _logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
     return model(**inputs, use_cache=False).logits
 
 
+def _micro_batches(inputs: Mapping[str, Any], micro: int
+                   ) -> list[tuple[tuple[int, int], dict[str, Any], float]]:
+    """``((start, stop), inputs of those rows, unmasked positions)`` for each of ``micro`` equal
+    row slices of a batch (gradient accumulation and the target cache share the split)."""
+    rows = int(inputs["input_ids"].shape[0])
+    if rows % micro:
+        raise QuantizerError(f"micro_batches={micro} must divide the calibration batch of {rows} sequences "
+                             "(--calib-batch)")
+    size = rows // micro
+    mask = inputs.get("attention_mask")
+    parts = []
+    for a, b in ((i * size, (i + 1) * size) for i in range(micro)):
+        part = {k: v[a:b] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        parts.append(((a, b), part, float(mask[a:b].sum()) if mask is not None else float(b - a)))
+    return parts
+
+
 @register_quantizer
 class OSTQuantizer(TransformQuantizer):
     """Learned rotations + scales (KL-top end to end), fused, then RTN/GPTQ weights."""
@@ -210,14 +227,25 @@ class OSTQuantizer(TransformQuantizer):
     @torch.no_grad()
     def cache_targets(self, frozen: Mapping[str, nn.Module], batches: list[Any], device: torch.device
                       ) -> tuple[list[dict[str, SubsetTarget]], list[dict[str, float]]]:
-        """Run the frozen models once per calibration batch and keep only what the loss needs."""
+        """Run the frozen models once per calibration batch and keep only what the loss needs.
+
+        Each batch runs one micro-batch (``micro_batches``) at a time: the frozen models'
+        vocabulary-wide logits and the softmaxes the targets come from are the largest tensors of
+        the run (AAQ on SmolLM2 at 4 x 2,048 tokens at once went past 9 GB and was killed), and a
+        micro-batch holds 1/N of them. Diagnostics are the micro-batches' means weighted by their
+        unmasked positions."""
         targets, diagnostics = [], []
         for batch in batches:
-            inputs = model_inputs(batch, device)
-            logits = {key: _logits(m, inputs) for key, m in frozen.items()}
-            t, d = self.batch_targets(logits, inputs.get("attention_mask"))
-            targets.append(t)
-            diagnostics.append(d)
+            parts = _micro_batches(model_inputs(batch, device), self.options.micro_batches)
+            done = [self.batch_targets({key: _logits(m, part) for key, m in frozen.items()},
+                                       part.get("attention_mask")) for _, part, _ in parts]
+            targets.append({key: SubsetTarget.cat([t[key] for t, _ in done]) for key in done[0][0]})
+            if len(done) == 1:
+                diagnostics.append(done[0][1])
+                continue
+            total = sum(weight for *_, weight in parts)
+            diagnostics.append({key: sum(d[key] * weight for (_, d), (*_, weight) in zip(done, parts)) / total
+                                for key in done[0][1]})
         return targets, diagnostics
 
     # ------------------------------------------------------------------ pipeline
@@ -320,20 +348,11 @@ class OSTQuantizer(TransformQuantizer):
         accumulate; ``engine.step`` holds the transformed weights across them). The loss and terms
         returned (detached: already back-propagated) are the micro-batches' means weighted by
         their unmasked positions, which is the whole batch's loss when they hold equally many."""
-        micro = self.options.micro_batches
-        rows = int(inputs["input_ids"].shape[0])
-        if rows % micro:
-            raise QuantizerError(f"micro_batches={micro} must divide the calibration batch of {rows} sequences "
-                                 "(--calib-batch)")
-        size = rows // micro
-        bounds = [(i * size, (i + 1) * size) for i in range(micro)]
-        mask = inputs.get("attention_mask")
-        weights = [float(mask[a:b].sum()) if mask is not None else float(b - a) for a, b in bounds]
-        total = sum(weights)
+        parts = _micro_batches(inputs, self.options.micro_batches)
+        total = sum(weight for *_, weight in parts)
         loss_value, terms_value = 0.0, {}
         with engine.step():
-            for (a, b), weight in zip(bounds, weights):
-                part = {k: v[a:b] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            for (a, b), part, weight in parts:
                 loss, terms = self.loss(engine(part), {k: t.rows(a, b) for k, t in targets.items()},
                                         part.get("attention_mask"))
                 (loss * (weight / total)).backward()
