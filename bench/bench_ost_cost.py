@@ -16,7 +16,13 @@ over ``--steps`` steps (the first step is dropped as warm-up). Jobs:
 * ``aaq-ckpt``: AAQ with checkpointing forced on; ``ost-ckpt-nohold``: checkpointed OST that
   transforms the weights in every forward and recomputation instead of once per step
   (``hold_weights=false``, the path before the held weights);
-* ``ost-old``: ``engine=parametrize``, the path before the rework.
+* ``ost-old``: ``engine=parametrize``, the pre-rework parametrisation with today's cached targets;
+  ``ost-prerework``: the code of the commit before the rework itself (``--old-tree DIR``, a
+  checkout of 5a26806: every weight through ``parametrize`` each step, the FP reference
+  deep-copied and run again on every step), no gradient accumulation.
+
+``--steps 1`` runs the warm-up step only: a peak without a step time. ``--parallel N`` runs N
+jobs at once, each still its own one-thread child.
 
 ``--micro-batches N`` runs every job's step as N micro-batches of ``batch / N`` sequences, each
 forward and backward at once, then one step (gradient accumulation: the same tokens and FLOPs
