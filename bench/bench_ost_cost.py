@@ -16,7 +16,13 @@ over ``--steps`` steps (the first step is dropped as warm-up). Jobs:
 * ``aaq-ckpt``: AAQ with checkpointing forced on; ``ost-ckpt-nohold``: checkpointed OST that
   transforms the weights in every forward and recomputation instead of once per step
   (``hold_weights=false``, the path before the held weights);
-* ``ost-old``: ``engine=parametrize``, the path before the rework.
+* ``ost-old``: ``engine=parametrize``, the pre-rework parametrisation with today's cached targets;
+  ``ost-prerework``: the code of the commit before the rework itself (``--old-tree DIR``, a
+  checkout of 5a26806: every weight through ``parametrize`` each step, the FP reference
+  deep-copied and run again on every step), no gradient accumulation.
+
+``--steps 1`` runs the warm-up step only: a peak without a step time. ``--parallel N`` runs N
+jobs at once, each still its own one-thread child.
 
 ``--micro-batches N`` runs every job's step as N micro-batches of ``batch / N`` sequences, each
 forward and backward at once, then one step (gradient accumulation: the same tokens and FLOPs
@@ -31,18 +37,21 @@ per step, bytes) to the fused OST job on truncated copies of the model, and extr
 7B Llama by scaling each coefficient with what it counts (see docs/quantizers.md).
 
     OMP_NUM_THREADS=1 python bench/bench_ost_cost.py [--model smollm2-135m-instruct] [--batch 4 --seq 256]
-    OMP_NUM_THREADS=1 python bench/bench_ost_cost.py --seq 2048 --micro-batches 4 --jobs plain plain-ckpt ost-ckpt aaq-ckpt
+    OMP_NUM_THREADS=1 python bench/bench_ost_cost.py --seq 2048 --micro-batches 4 --jobs plain plain-ckpt ost-ckpt aaq-ckpt \
+        --parallel 2 --no-fit
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,20 +104,27 @@ TRANSFORM_JOBS = {
     "aaq-ckpt": ("aaq", {"checkpoint": "true"}),
     "ost-ckpt-nohold": ("ost", {"checkpoint": "true", "hold_weights": "false"}),
     "ost-old": ("ost", {"engine": "parametrize"}),
+    "ost-prerework": ("ost", {}),
 }
 JOBS = ("plain", "plain-ckpt", *TRANSFORM_JOBS)
+#: Jobs whose child imports the project from ``--old-tree`` (a checkout of the commit before the
+#: rework) instead of this one: the pre-rework step as it was, frozen reference copy run every step.
+OLD_TREE_JOBS = ("ost-prerework",)
 
 
 def _transform(method: str, options: dict, model, tokenizer, batches, steps: int, name: str, layers: int | None):
     from quantizers import QuantContext, build_quantizer
 
-    base = None
-    if method == "aaq":
-        base = _model(name, layers)[1]
     stamps: list[float] = []
-    ctx = QuantContext(tokenizer=tokenizer, calibration_batches=batches, base_model=base, seed=0,
+    # AAQ's base lives only in the context, as in `safequant quantize`: freed once its targets are cached
+    ctx = QuantContext(tokenizer=tokenizer, calibration_batches=batches, seed=0,
+                       base_model=_model(name, layers)[1] if method == "aaq" else None,
                        progress=lambda stage, i, n: stamps.append(time.process_time()) if stage == method else None)
-    q = build_quantizer(method, {"steps": steps, "weights": "rtn", "autocast": "off", **options})
+    from quantizers import get_quantizer
+
+    known = set(get_quantizer(method).option_names())  # an older tree lacks the newer options
+    q = build_quantizer(method, {k: v for k, v in {"steps": steps, "weights": "rtn", "autocast": "off", **options}.items()
+                                 if k in known})
     q.apply(model, "w4a4kv4", ctx)
     return [b - a for a, b in zip(stamps, stamps[1:])], q.metadata
 
@@ -124,9 +140,9 @@ def child(args: argparse.Namespace) -> None:
                        micro_batches=args.micro_batches)[1:]
     else:
         method, options = TRANSFORM_JOBS[args.job]
-        options = {**options, "micro_batches": args.micro_batches}
+        options = {**options, "micro_batches": args.micro_batches} if args.micro_batches > 1 else options
         times, meta = _transform(method, options, model, tokenizer, batches, args.steps, args.model, args.layers)
-    print(json.dumps({"job": args.job, "step_s": statistics.median(times), "steps_timed": len(times),
+    print(json.dumps({"job": args.job, "step_s": statistics.median(times) if times else None, "steps_timed": len(times),
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "target_cache_bytes": meta.get("training", {}).get("target_cache_bytes"),
                       "checkpoint": meta.get("training", {}).get("checkpoint"),
@@ -135,11 +151,17 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(job: str, args: argparse.Namespace, *, layers: int | None = None, seq: int | None = None,
               steps: int | None = None) -> dict:
+    micro = 1 if job in OLD_TREE_JOBS else args.micro_batches  # the old path had no accumulation
     cmd = [sys.executable, __file__, "--child", job, "--model", args.model, "--batch", str(args.batch),
-           "--seq", str(seq or args.seq), "--steps", str(steps or args.steps), "--micro-batches", str(args.micro_batches)]
+           "--seq", str(seq or args.seq), "--steps", str(steps or args.steps), "--micro-batches", str(micro)]
     if layers is not None:
         cmd += ["--layers", str(layers)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = None
+    if job in OLD_TREE_JOBS:
+        if not args.old_tree:
+            raise SystemExit(f"job {job} needs --old-tree DIR (e.g. `git archive 5a26806 | tar -x -C DIR`)")
+        env = {**os.environ, "PYTHONPATH": str(Path(args.old_tree).resolve())}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise SystemExit(f"child {job} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -174,6 +196,11 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--jobs", nargs="+", default=["plain", "plain-ckpt", "ost", "aaq", "ost-old"], choices=JOBS,
                     help="jobs to run, in order (plain first: the ratios are to it; plain-ckpt before the memory ratios)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="jobs run at once, each its own one-thread process (CPU time per step does not depend "
+                         "on it; keep the sum of their peaks under the free memory)")
+    ap.add_argument("--old-tree", default=None, metavar="DIR",
+                    help="a checkout of the commit before the rework (5a26806), for the ost-prerework job")
     ap.add_argument("--no-fit", action="store_true", help="skip the memory-model grid")
     ap.add_argument("--fit-layers", type=int, nargs="+", default=None,
                     help="decoder layers kept for the memory fit (default: a third and all)")
@@ -188,20 +215,27 @@ def main() -> None:
         raise SystemExit(f"--micro-batches {args.micro_batches} must divide --batch {args.batch}")
     print(f"model {args.model}, {args.batch} x {args.seq} = {tokens} tokens per step "
           f"({args.micro_batches} micro-batch(es) of {args.batch // args.micro_batches} x {args.seq}), one thread, "
-          f"step = median CPU seconds of {args.steps - 1} steps", flush=True)
+          f"step = median CPU seconds of {args.steps - 1} steps after a warm-up", flush=True)
     print("| job | step (CPU s) | peak RSS (GiB) | step / plain | peak / plain-ckpt |")
     print("|---|---|---|---|---|")
     res = {}
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # each job its own one-thread child
+        running = {job: pool.submit(run_child, job, args, steps=args.old_steps if job == "ost-old" else None)
+                   for job in args.jobs}
     for job in args.jobs:
-        res[job] = r = run_child(job, args, steps=args.old_steps if job == "ost-old" else None)
+        res[job] = r = running[job].result()
         memory = f"{r['peak_rss'] / res['plain-ckpt']['peak_rss']:.2f}x" if "plain-ckpt" in res else "-"
-        print(f"| {job} | {r['step_s']:.2f} | {r['peak_rss'] / GIB:.2f} | {r['step_s'] / res['plain']['step_s']:.2f}x | "
-              f"{memory} |", flush=True)
-    if "ost-old" in res and "ost" in res:
-        old, new = res["ost-old"], res["ost"]
-        print(f"OST fused vs old: {old['step_s'] / new['step_s']:.1f}x faster per step, peak "
-              f"{new['peak_rss'] / GIB:.2f} GiB vs {old['peak_rss'] / GIB:.2f} GiB "
-              f"(targets cached: OST {new['target_cache_bytes'] / 2**20:.1f} MiB)")
+        timed = r["step_s"] is not None  # --steps 1: the warm-up step only, a peak without a time
+        seconds = f"{r['step_s']:.2f}" if timed else "-"
+        step = f"{r['step_s'] / res['plain']['step_s']:.2f}x" if timed and "plain" in res else "-"
+        print(f"| {job} | {seconds} | {r['peak_rss'] / GIB:.2f} | {step} | {memory} |", flush=True)
+    for old_job in ("ost-old", "ost-prerework"):
+        for new_job in ("ost", "ost-ckpt"):
+            if old_job in res and new_job in res:
+                old, new = res[old_job], res[new_job]
+                print(f"{new_job} vs {old_job}: {old['step_s'] / new['step_s']:.1f}x faster per step, peak "
+                      f"{new['peak_rss'] / GIB:.2f} GiB vs {old['peak_rss'] / GIB:.2f} GiB "
+                      f"(targets cached: {new['target_cache_bytes'] / 2**20:.1f} MiB)")
     print("checkpointing per job: " + ", ".join(f"{job} {r['checkpoint']}" for job, r in res.items()
                                                 if r.get("checkpoint") is not None))
     if args.no_fit:

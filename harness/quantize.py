@@ -156,6 +156,11 @@ class VariantMaker:
         self._saved = {s.artifact: self._check_saved(s) for s in specs if s.artifact and s.method not in ARTIFACT_METHODS}
         self.base_model = BaseReference(None, None)
         self.probe_model: nn.Module | None = None
+        #: variants still to quantize that need the base / the probe model: the last one gets the
+        #: maker's own reference (:meth:`_frozen_models`), so the model is freed once it is read
+        self._uses_left = {"base": sum(Needs.of([s]).base for s in specs if not s.artifact),
+                           "prompts": sum(Needs.of([s]).prompts for s in specs if not s.artifact)}
+        self._probe_handed_over = False
         self._scratch: Any = None  # tempfile.TemporaryDirectory for methods that save their own format
 
     @property
@@ -292,16 +297,17 @@ class VariantMaker:
 
         quantizer, needs, seed = self.quantizers[spec.name], Needs.of([spec]), self.settings.seed
         in_place = spec.method == "fp" or (consume_subject and not quantizer.uses_reference_model)
-        base = self.base_model if needs.base else BaseReference(None, None)
         calibration = None
         scratch = None
         if quantizer.writes_artifact and artifact_dir is None:
             scratch = artifact_dir = self._scratch_folder(spec.name)
+        base_model, base_description, probe_model = self._frozen_models(needs, subject)
         ctx = QuantContext(tokenizer=subject.tokenizer, reference_model=None if in_place else subject.model,
-                           base_model=base.model, device=next(subject.model.parameters()).device, seed=seed,
-                           probe_model=self.probe_model if needs.prompts else None, artifact_dir=artifact_dir,
+                           base_model=base_model, device=next(subject.model.parameters()).device, seed=seed,
+                           probe_model=probe_model, artifact_dir=artifact_dir,
                            refusal_token_ids=_refusal_token_ids(subject, self.settings.system_prompt)
                            if needs.prompts else None)
+        del base_model, probe_model  # the context holds them: a quantizer's ctx.release can free them
         if needs.text:
             calibration = load_calibration(self.calib.spec(subject.source.kind, seed), subject.tokenizer, subject.model)
             ctx.calibration_batches = calibration.batches
@@ -327,13 +333,37 @@ class VariantMaker:
         record = {
             "method": spec.method, "scheme": spec.scheme.label, "options": quantizer.options_dict(),
             "metadata": quantizer.metadata, "calibration": calibration.describe() if calibration else None,
-            "calibration_prompts": prompt_meta, "base": base.description,
+            "calibration_prompts": prompt_meta, "base": base_description,
             "seconds": round(seconds, 3),
             "source_model": {"spec": subject.source.spec, "fingerprint": subject.fingerprint},
         }
         if shipped is not None:
             record.update({k: shipped.record[k] for k in ("artifact", "provenance", "load_seconds")})
         return QuantizedVariant(model, seconds, record)
+
+    def _frozen_models(self, needs: Needs, subject: LoadedModel) -> tuple[nn.Module | None, dict | None,
+                                                                          nn.Module | None]:
+        """``(base model, its description, probe model)`` for a variant with ``needs``. The last
+        variant that needs the base (or the probe model) gets the maker's own reference, which the
+        maker drops (keeping the base's description), so that the model is freed as soon as the
+        quantizer has read it (``QuantContext.release``) instead of staying in memory through
+        training; a variant made later that needs it again loads it again."""
+        base, probe = BaseReference(None, None), None
+        if needs.base:
+            if self.base_model.model is None:
+                self.base_model = self._load_base(subject)
+            base = self.base_model
+            self._uses_left["base"] -= 1
+            if self._uses_left["base"] <= 0:
+                self.base_model = BaseReference(None, base.description)
+        if needs.prompts:
+            if self._probe_handed_over:
+                self.probe_model, self._probe_handed_over = self._load_probe_model(subject), False
+            probe = self.probe_model
+            self._uses_left["prompts"] -= 1
+            if self._uses_left["prompts"] <= 0:
+                self.probe_model, self._probe_handed_over = None, True
+        return base.model, base.description, probe
 
     def _scratch_folder(self, name: str) -> str:
         """A folder for a method's saved product, removed when the process ends (the variant is

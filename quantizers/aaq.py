@@ -15,7 +15,8 @@ contrastive_alignment_loss``; everything else (transforms, calibration loop, fus
 is :class:`~quantizers.ost.OSTQuantizer`'s. The push term is maximised and unbounded, so the
 shared loop's divergence guards watch it and the pull term (which explodes when push wins): by default it stops early and keeps the last good step
 (recorded in the metadata), or, with ``guard_action=error``, fails with no variant written.
-Costs two frozen full-precision models (FT reference, PT base) plus the one being trained.
+The two frozen full-precision models (FT reference, PT base) are run once per calibration batch
+before training and released (``QuantContext.release``): only their cached targets stay.
 """
 
 from __future__ import annotations

@@ -92,6 +92,17 @@ class QuantContext:
     progress: ProgressCallback | None = None
     artifact_dir: str | None = None
 
+    def release(self, *names: str) -> None:
+        """Drop this context's references to the frozen models ``names`` (``reference_model``,
+        ``base_model``, ``probe_model``) once a quantizer has read all it needs from them (OST/AAQ:
+        the cached targets; Q-realign: probes and parent targets), so that a model nobody else
+        holds is freed before training starts. A caller that still needs one keeps its own
+        reference (the harness hands its own over only for the last variant that needs it)."""
+        for name in names:
+            if name not in ("reference_model", "base_model", "probe_model"):
+                raise ValueError(f"QuantContext.release: {name!r} is not a frozen model field")
+            setattr(self, name, None)
+
     def seed_everything(self) -> None:
         """Seed Python's and torch's generators with ``seed``."""
         import torch
@@ -134,8 +145,10 @@ class Quantizer:
     #: post-RoPE rotations) for the schemes that quantize linears: a runtime that only loads weights
     #: (an export, ``--backend vllm``) would run another model than the one audited.
     online_transforms: ClassVar[bool] = False
-    #: True when :meth:`quantize` reads ``ctx.reference_model`` (the FP subject) while it changes
-    #: the model (OST, AAQ, Q-realign): the harness then never quantizes the subject in place.
+    #: True when :meth:`quantize` reads ``ctx.reference_model`` (the FP subject) after it has
+    #: started changing the model: the harness then never quantizes the subject in place. A method
+    #: that reads the FP model only before its first change (OST/AAQ cache their targets, Q-realign
+    #: fits its probes first) leaves it False and reads the model itself when no reference is given.
     uses_reference_model: ClassVar[bool] = False
     #: True when the method's product is a Hugging Face folder it saves to ``ctx.artifact_dir``
     #: (a third-party library's own format, e.g. llm-compressor's compressed-tensors): the harness

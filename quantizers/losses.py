@@ -23,7 +23,7 @@ for the pull term, and pushing on the PT model's own top-K.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -198,6 +198,13 @@ class SubsetTarget:
     def rows(self, start: int, stop: int) -> SubsetTarget:
         """The target of sequences ``start:stop`` of its batch (one micro-batch)."""
         return SubsetTarget(self.index[start:stop], self.log_p[start:stop], self.renormalize)
+
+    @classmethod
+    def cat(cls, parts: Sequence[SubsetTarget]) -> SubsetTarget:
+        """One batch's target from its micro-batches' (in order): the inverse of :meth:`rows`."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([t.index for t in parts]), torch.cat([t.log_p for t in parts]), parts[0].renormalize)
 
     @property
     def nbytes(self) -> int:

@@ -158,6 +158,23 @@ def _logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
     return model(**inputs, use_cache=False).logits
 
 
+def _micro_batches(inputs: Mapping[str, Any], micro: int
+                   ) -> list[tuple[tuple[int, int], dict[str, Any], float]]:
+    """``((start, stop), inputs of those rows, unmasked positions)`` for each of ``micro`` equal
+    row slices of a batch (gradient accumulation and the target cache share the split)."""
+    rows = int(inputs["input_ids"].shape[0])
+    if rows % micro:
+        raise QuantizerError(f"micro_batches={micro} must divide the calibration batch of {rows} sequences "
+                             "(--calib-batch)")
+    size = rows // micro
+    mask = inputs.get("attention_mask")
+    parts = []
+    for a, b in ((i * size, (i + 1) * size) for i in range(micro)):
+        part = {k: v[a:b] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        parts.append(((a, b), part, float(mask[a:b].sum()) if mask is not None else float(b - a)))
+    return parts
+
+
 @register_quantizer
 class OSTQuantizer(TransformQuantizer):
     """Learned rotations + scales (KL-top end to end), fused, then RTN/GPTQ weights."""
@@ -167,7 +184,9 @@ class OSTQuantizer(TransformQuantizer):
     description = "OSTQuant: learned orthogonal rotations + diagonal scales (KL-top loss), fused, then GPTQ/RTN"
     Options = OSTOptions
     requires_calibration = True
-    uses_reference_model = True  # the FP teacher's targets
+    # The FP teacher's targets are cached before any change (the model itself when no reference is
+    # given), so `safequant quantize` trains the subject in place: no second full model.
+    uses_reference_model = False
     #: The logged loss terms the divergence guards watch (each against ``guard_factor``).
     guard_terms: ClassVar[tuple[str, ...]] = ("kl_top",)
     #: Keys of :meth:`batch_targets`' diagnostics logged with the loss terms at every step.
@@ -214,14 +233,25 @@ class OSTQuantizer(TransformQuantizer):
     @torch.no_grad()
     def cache_targets(self, frozen: Mapping[str, nn.Module], batches: list[Any], device: torch.device
                       ) -> tuple[list[dict[str, SubsetTarget]], list[dict[str, float]]]:
-        """Run the frozen models once per calibration batch and keep only what the loss needs."""
+        """Run the frozen models once per calibration batch and keep only what the loss needs.
+
+        Each batch runs one micro-batch (``micro_batches``) at a time: the frozen models'
+        vocabulary-wide logits and the softmaxes the targets come from are the largest tensors of
+        the run (AAQ on SmolLM2 at 4 x 2,048 tokens at once went past 9 GB and was killed), and a
+        micro-batch holds 1/N of them. Diagnostics are the micro-batches' means weighted by their
+        unmasked positions."""
         targets, diagnostics = [], []
         for batch in batches:
-            inputs = model_inputs(batch, device)
-            logits = {key: _logits(m, inputs) for key, m in frozen.items()}
-            t, d = self.batch_targets(logits, inputs.get("attention_mask"))
-            targets.append(t)
-            diagnostics.append(d)
+            parts = _micro_batches(model_inputs(batch, device), self.options.micro_batches)
+            done = [self.batch_targets({key: _logits(m, part) for key, m in frozen.items()},
+                                       part.get("attention_mask")) for _, part, _ in parts]
+            targets.append({key: SubsetTarget.cat([t[key] for t, _ in done]) for key in done[0][0]})
+            if len(done) == 1:
+                diagnostics.append(done[0][1])
+                continue
+            total = sum(weight for *_, weight in parts)
+            diagnostics.append({key: sum(d[key] * weight for (_, d), (*_, weight) in zip(done, parts)) / total
+                                for key in done[0][1]})
         return targets, diagnostics
 
     # ------------------------------------------------------------------ pipeline
@@ -233,10 +263,13 @@ class OSTQuantizer(TransformQuantizer):
         batches = all_batches[: opts.max_batches] if opts.max_batches else all_batches
         batches = batches[: opts.steps]  # steps cycle through the batches; the rest never run
         frozen = self.frozen_models(model, ctx)  # before any change: the subject is still full precision
-        for m in frozen.values():
-            m.eval()
+        for frozen_model in frozen.values():
+            frozen_model.eval()
         targets, diagnostics = self.cache_targets(frozen, batches, device)
-        del frozen  # only the cached targets are needed from here on
+        # Only the cached targets are needed from here on: drop every reference to the frozen
+        # models (AAQ's base, a separate FP copy) so that one model is in memory while training.
+        del frozen, frozen_model
+        ctx.release("reference_model", "base_model")
         self.summarize_targets(diagnostics)
 
         parts = self.prepare(model, scheme)
@@ -321,20 +354,11 @@ class OSTQuantizer(TransformQuantizer):
         accumulate; ``engine.step`` holds the transformed weights across them). The loss and terms
         returned (detached: already back-propagated) are the micro-batches' means weighted by
         their unmasked positions, which is the whole batch's loss when they hold equally many."""
-        micro = self.options.micro_batches
-        rows = int(inputs["input_ids"].shape[0])
-        if rows % micro:
-            raise QuantizerError(f"micro_batches={micro} must divide the calibration batch of {rows} sequences "
-                                 "(--calib-batch)")
-        size = rows // micro
-        bounds = [(i * size, (i + 1) * size) for i in range(micro)]
-        mask = inputs.get("attention_mask")
-        weights = [float(mask[a:b].sum()) if mask is not None else float(b - a) for a, b in bounds]
-        total = sum(weights)
+        parts = _micro_batches(inputs, self.options.micro_batches)
+        total = sum(weight for *_, weight in parts)
         loss_value, terms_value = 0.0, {}
         with engine.step():
-            for (a, b), weight in zip(bounds, weights):
-                part = {k: v[a:b] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            for (a, b), part, weight in parts:
                 loss, terms = self.loss(engine(part), {k: t.rows(a, b) for k, t in targets.items()},
                                         part.get("attention_mask"))
                 (loss * (weight / total)).backward()

@@ -718,7 +718,9 @@ class QRealignQuantizer(Quantizer):
     description = "block-wise LWC + smoothing calibration with a probe loss that restores refusals (Q-realign)"
     Options = QRealignOptions
     uses_calibration_prompts = True
-    uses_reference_model = True  # fits its probes on the FP model when no probe model is given
+    # Probes, parent targets and the FP diagnostics are read before the first change (from the
+    # model itself when no reference is given): `safequant quantize` calibrates the subject in place.
+    uses_reference_model = False
 
     def check(self, scheme: QuantScheme) -> None:
         if not scheme.quantizes_weights:
@@ -771,13 +773,16 @@ class QRealignQuantizer(Quantizer):
             model_parts(model)  # smoothing needs a Llama-style block: fail here, before any change
         names = {id(m): n for n, m in model.named_modules()}
         layer_names = [names[id(layer)] for layer in layers]
+        self._targets = self._parent_targets(model, ctx, chosen)  # the FP parent: before KV quantization
         if scheme.quantizes_kv:
             enable_kv_quant(model, scheme)  # raises for an unsupported architecture, before any weight change
 
-        self._targets = self._parent_targets(model, ctx, chosen)
         diag_records = diagnostic_records(records, chosen, probe_records, opts, ctx.seed)
         diagnose = _diagnoser(ctx, diag_records, directions, opts)
         diagnostics = {"aligned": diagnose(ctx.probe_model), "fp": diagnose(model)} if diagnose else None
+        # The aligned parent and the FP reference are done with (probes, targets, diagnostics read):
+        # drop them before the blocks calibrate, one model in memory (a caller's own reference stays).
+        ctx.release("probe_model", "reference_model")
 
         # ---- statistics and block inputs of the FP model
         stats: dict[str, torch.Tensor] = {}

@@ -222,6 +222,23 @@ def test_held_weights_and_micro_batches_give_the_same_gradients(method, scheme, 
             assert float((ref - got).norm()) <= 1e-4 * float(ref.norm()) + 1e-6 * total, name
 
 
+def test_targets_are_cached_one_micro_batch_at_a_time_with_the_same_values(toy_chat, toy_base, batches, one_thread):
+    """With micro_batches=N the frozen models run N row slices of each batch (1/N of the
+    vocabulary-wide logits and softmaxes at a time): the cached targets and the contrast
+    diagnostics are the whole batch's."""
+    frozen = {"ref": toy_chat.model, "base": toy_base.model}
+    whole_t, whole_d = build_quantizer("aaq", {}).cache_targets(frozen, batches, torch.device("cpu"))
+    split_t, split_d = build_quantizer("aaq", {"micro_batches": 2}).cache_targets(frozen, batches, torch.device("cpu"))
+    for whole, split in zip(whole_t, split_t):
+        assert whole.keys() == split.keys() == {"pull", "push"}
+        for key in whole:
+            assert whole[key].index.shape == split[key].index.shape == (2, 64, 500)
+            assert torch.equal(whole[key].index, split[key].index)
+            torch.testing.assert_close(whole[key].log_p, split[key].log_p, rtol=1e-5, atol=1e-6)
+    for whole, split in zip(whole_d, split_d):
+        assert split == pytest.approx(whole, rel=1e-5, abs=1e-7)
+
+
 def test_micro_batches_must_divide_the_calibration_batch(toy_chat, batches):
     q = build_quantizer("ost", {"steps": 1, "micro_batches": 3, "weights": "rtn"})
     with pytest.raises(QuantizerError, match="micro_batches=3 must divide the calibration batch of 2"):
