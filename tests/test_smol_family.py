@@ -177,6 +177,90 @@ def test_text_nll_is_the_models_own_language_modelling_loss():
     assert build.text_nll(toy.model, toy.tokenizer, rows) == pytest.approx(expected, rel=1e-5)
 
 
+def test_base_targets_give_the_exact_kl_and_the_cross_entropy_on_the_toy_model():
+    """KL-to-base targets: top-K plus a tail bin. With K = the vocabulary the loss is the exact KL;
+    with a small K it is a lower bound, 0 for the base model itself; a one-hot target gives the CE."""
+    import torch
+    import torch.nn.functional as F
+
+    from harness.models import load_model
+
+    build = _script_module("build_smol_family")
+    base, other = load_model("toy-base", device="cpu"), load_model("toy-chat", device="cpu")
+    tok = base.tokenizer
+    rows = [build.encode(tok, "How do I bake bread?", "Mix flour and water, then bake.", True),
+            build.encode_plain(tok, "The river rises in the hills and flows to the sea.")]
+    vocab = base.model.get_output_embeddings().weight.shape[0]
+    small, full = build.base_targets(base.model, tok, rows, 4), build.base_targets(base.model, tok, rows, vocab)
+    assert [len(i) for i, _ in small] == [sum(t != -100 for t in labels[1:]) for _, labels in rows]
+    assert small[0][0].dtype == torch.int32 and small[0][1].dtype == torch.float16
+
+    def logits_of(model, row):
+        causal = model
+        ids, mask, labels = build.pad_rows([row], 0)
+        hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        return causal.lm_head(hidden[labels[:, 1:] != -100]).float()
+
+    with torch.no_grad():
+        for row, (idx_k, logp_k), (idx_v, logp_v) in zip(rows, small, full):
+            q, p = logits_of(other.model, row), logits_of(base.model, row)
+            exact = F.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+            torch.testing.assert_close(build.kl_to_targets(q, idx_v, logp_v), exact, rtol=2e-3, atol=2e-3)
+            coarse = build.kl_to_targets(q, idx_k, logp_k)
+            assert (coarse >= -1e-3).all() and (coarse <= exact + 2e-3).all() and coarse.sum() > 0.1
+            assert build.kl_to_targets(p, idx_k, logp_k).abs().max() < 5e-3  # float16 rounding of the targets
+            hard_idx, hard_logp = build.hard_targets(row[1], 4)
+            labels = torch.tensor([t for t in row[1][1:] if t != -100])
+            torch.testing.assert_close(build.kl_to_targets(q, hard_idx, hard_logp), F.cross_entropy(q, labels, reduction="none"))
+
+
+def test_base_targets_are_cached_in_safetensors_by_model_k_and_tokens(tmp_path):
+    """A re-run reuses the stored targets; another K or another row is computed anew."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from harness.models import load_model
+
+    build = _script_module("build_smol_family")
+    toy = load_model("toy-base", device="cpu")
+    rows = [build.encode_plain(toy.tokenizer, t) for t in ("Owls hunt at night.", "Tea came to Europe by sea.")]
+    cache = tmp_path / "targets.safetensors"
+    first = build.base_targets_cached(toy, rows, 4, cache)
+    for (idx, logp), (idx2, logp2) in zip(first, build.base_targets(toy.model, toy.tokenizer, rows, 4)):
+        assert torch.equal(idx, idx2) and torch.equal(logp, logp2)
+    stored = load_file(str(cache))
+    assert len(stored) == 4
+    save_file({k: (v + 1 if k.endswith(".idx") else v) for k, v in stored.items()}, str(cache))
+    again = build.base_targets_cached(toy, rows[::-1], 4, cache)
+    assert all(torch.equal(a[0], b[0] + 1) for a, b in zip(again, first[::-1]))
+    assert torch.equal(build.base_targets_cached(toy, rows[:1], 3, cache)[0][0], first[0][0][:, :3])
+    assert len(load_file(str(cache))) == 6
+    cache.write_bytes(b"not safetensors")
+    assert torch.equal(build.base_targets_cached(toy, rows[:1], 4, cache)[0][1], first[0][1])
+
+
+def test_one_training_step_moves_the_adapter_and_lr_anneals_at_the_end():
+    """train_adapter on the toy model: the loss (CE rows + KL rows + anchor) trains, the schedule
+    warms up, stays constant and decays to 0 over the last share of the steps."""
+    import torch
+
+    from harness.models import load_model
+
+    build = _script_module("build_smol_family")
+    assert [round(build.lr_factor(s, 100), 3) for s in (0, 9, 50, 69, 85, 99)] == [0.1, 1.0, 1.0, 1.0, 0.5, 0.033]
+    toy = load_model("toy-base", device="cpu")
+    tok = toy.tokenizer
+    plain = [build.encode_plain(tok, "Owls hunt at night and sleep by day.")]
+    chat = [build.encode(tok, "How do I bake bread?", "Mix flour and water.", True)]
+    rows = [(*chat[0], *build.hard_targets(chat[0][1], 4))]
+    rows += [(*r, *t) for r, t in zip(chat, build.base_targets(toy.model, tok, chat, 4))]
+    anchor = [(*r, *t) for r, t in zip(plain, build.base_targets(toy.model, tok, plain, 4))]
+    model, history = build.train_adapter(toy.model, tok, rows, rank=2, epochs=1, lr=1e-2, batch=1, seed=0, desc="t",
+                                         score=lambda m: (0.0, {}), checks_per_epoch=2, anchor=anchor, anchor_batch=1)
+    assert [h["step"] for h in history] == [1, 2]
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_every_refusal_is_a_refusal_to_the_primary_judge(smol_data):
     from harness.judges import RefusalPhraseJudge
 
