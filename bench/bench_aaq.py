@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 #: Columns of the refusal table: the sets the issue names, in this order, where the run has them.
@@ -88,12 +90,6 @@ def calibration_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def quantize(row: Row, args: argparse.Namespace) -> dict:
     """Make ``row``'s folder in a child process (kept when it already finished); its peak RSS and wall time."""
     folder = args.out / "variants" / row.name
@@ -113,14 +109,14 @@ def quantize(row: Row, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     with open(log, "w") as fh:
         child = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage (peak RSS), not all children's
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"bench_aaq: {row.name}: `safequant quantize` exited {child.returncode}: {tail[0]}")
+        raise SystemExit(f"bench_aaq: {row.name}: `safequant quantize` exited {code}: {tail[0]}")
     info = {"peak_rss_bytes": usage.ru_maxrss * 1024, "wall_seconds": round(time.perf_counter() - started, 1),
             "command": " ".join(cmd[2:])}
-    write_json(record, info)
+    atomic_write_json(record, info)
     return info
 
 
