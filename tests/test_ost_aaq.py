@@ -276,7 +276,10 @@ def test_weight_only_schemes_train_against_straight_through_weights(scheme, toy_
     curve = q.metadata["calibration"]["curves"]["kl_top"]
     # weights are fake-quantized during training: the first loss is the RTN model's, not ~0
     assert curve[0] > 1e-3
-    assert curve[-1] < curve[0]
+    # training lowers the loss: the second half's mean, not the last step (at W4A16 the toy's loss is
+    # small and one step can bounce above the first; seen on an AVX-512 CPU, 0.00569 -> 0.00594)
+    late = curve[len(curve) // 2:]
+    assert sum(late) / len(late) < curve[0]
     linears = dict(iter_quant_linears(model))
     assert len(linears) == 4 * 7 and all(m.a_bits == 16 and m.w_bits < 16 for m in linears.values())
     assert isinstance(linears["model.layers.0.mlp.down_proj"].input_transform, OnlineHadamard)
