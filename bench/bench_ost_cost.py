@@ -10,6 +10,9 @@ over ``--steps`` steps (the first step is dropped as warm-up). Jobs:
 * ``plain``: forward + backward of the model with trainable weights, cross-entropy on the tokens
   (no checkpointing): the step-time reference;
 * ``plain-ckpt``: the same with gradient checkpointing per decoder layer: the memory reference;
+* ``plain-bf16`` / ``ost-ckpt-bf16``: ``plain`` under bf16 autocast and ``ost-ckpt`` with
+  ``autocast=bf16`` (what ``autocast=auto`` picks on a CPU with AMX-BF16 tiles or a GPU; every
+  other job runs in fp32); a ``-bf16`` job's step ratio is to ``plain-bf16`` when it ran;
 * ``ost`` / ``aaq``: the fused engine with its defaults (per-layer transforms, ``checkpoint=auto``,
   cached targets; AAQ's base is a second copy of the checkpoint: the cost does not depend on its
   weights); ``ost-ckpt`` / ``ost-nockpt``: OST with checkpointing forced on / off;
@@ -79,7 +82,11 @@ def _tokens(tokenizer, batch: int, seq: int) -> list[torch.Tensor]:
     return load_calibration(spec, tokenizer).batches
 
 
-def _plain(model, batches, steps: int, checkpoint: bool, micro_batches: int) -> list[float]:
+def _plain(model, batches, steps: int, checkpoint: bool, micro_batches: int, bf16: bool = False) -> list[float]:
+    """CPU seconds of each plain training step (cross-entropy, every weight trainable); ``bf16``:
+    under ``torch.autocast`` in bfloat16, as the transform jobs' ``autocast=bf16``."""
+    import contextlib
+
     if checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -88,7 +95,8 @@ def _plain(model, batches, steps: int, checkpoint: bool, micro_batches: int) -> 
         ids = batches[step % len(batches)]
         started = time.process_time()
         for part in ids.chunk(micro_batches):
-            out = model(input_ids=part, labels=part, use_cache=False)
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                out = model(input_ids=part, labels=part, use_cache=False)
             (out.loss / micro_batches).backward()
         model.zero_grad(set_to_none=True)
         times.append(time.process_time() - started)
@@ -99,6 +107,7 @@ def _plain(model, batches, steps: int, checkpoint: bool, micro_batches: int) -> 
 TRANSFORM_JOBS = {
     "ost": ("ost", {}),
     "ost-ckpt": ("ost", {"checkpoint": "true"}),
+    "ost-ckpt-bf16": ("ost", {"checkpoint": "true", "autocast": "bf16"}),
     "ost-nockpt": ("ost", {"checkpoint": "false"}),
     "aaq": ("aaq", {}),
     "aaq-ckpt": ("aaq", {"checkpoint": "true"}),
@@ -106,7 +115,9 @@ TRANSFORM_JOBS = {
     "ost-old": ("ost", {"engine": "parametrize"}),
     "ost-prerework": ("ost", {}),
 }
-JOBS = ("plain", "plain-ckpt", *TRANSFORM_JOBS)
+#: Plain training steps: the references (``plain-bf16``: under bf16 autocast, the reference of ``*-bf16``).
+PLAIN_JOBS = ("plain", "plain-ckpt", "plain-bf16")
+JOBS = (*PLAIN_JOBS, *TRANSFORM_JOBS)
 #: Jobs whose child imports the project from ``--old-tree`` (a checkout of the commit before the
 #: rework) instead of this one: the pre-rework step as it was, frozen reference copy run every step.
 OLD_TREE_JOBS = ("ost-prerework",)
@@ -135,9 +146,9 @@ def child(args: argparse.Namespace) -> None:
     tokenizer, model = _model(args.model, args.layers)
     batches = _tokens(tokenizer, args.batch, args.seq)
     meta = {}
-    if args.job in ("plain", "plain-ckpt"):
+    if args.job in PLAIN_JOBS:
         times = _plain(model, batches, args.steps, checkpoint=args.job == "plain-ckpt",
-                       micro_batches=args.micro_batches)[1:]
+                       micro_batches=args.micro_batches, bf16=args.job == "plain-bf16")[1:]
     else:
         method, options = TRANSFORM_JOBS[args.job]
         options = {**options, "micro_batches": args.micro_batches} if args.micro_batches > 1 else options
@@ -227,7 +238,8 @@ def main() -> None:
         memory = f"{r['peak_rss'] / res['plain-ckpt']['peak_rss']:.2f}x" if "plain-ckpt" in res else "-"
         timed = r["step_s"] is not None  # --steps 1: the warm-up step only, a peak without a time
         seconds = f"{r['step_s']:.2f}" if timed else "-"
-        step = f"{r['step_s'] / res['plain']['step_s']:.2f}x" if timed and "plain" in res else "-"
+        ref = "plain-bf16" if job.endswith("-bf16") and "plain-bf16" in res else "plain"  # like with like
+        step = f"{r['step_s'] / res[ref]['step_s']:.2f}x" if timed and ref in res else "-"
         print(f"| {job} | {seconds} | {r['peak_rss'] / GIB:.2f} | {step} | {memory} |", flush=True)
     for old_job in ("ost-old", "ost-prerework"):
         for new_job in ("ost", "ost-ckpt"):
@@ -236,6 +248,9 @@ def main() -> None:
                 print(f"{new_job} vs {old_job}: {old['step_s'] / new['step_s']:.1f}x faster per step, peak "
                       f"{new['peak_rss'] / GIB:.2f} GiB vs {old['peak_rss'] / GIB:.2f} GiB "
                       f"(targets cached: {new['target_cache_bytes'] / 2**20:.1f} MiB)")
+    if "plain" in res and "ost-prerework" in res:  # no step cheaper than a plain one: the speed-up's ceiling
+        print(f"ost-prerework = {res['ost-prerework']['step_s'] / res['plain']['step_s']:.2f} plain steps: "
+              "the most any step that costs at least a plain forward + backward can gain on it")
     print("checkpointing per job: " + ", ".join(f"{job} {r['checkpoint']}" for job, r in res.items()
                                                 if r.get("checkpoint") is not None))
     if args.no_fit:
