@@ -22,9 +22,10 @@ is a matrix-vector product with that matrix (``k`` tokens: a product with ``k`` 
 
 Passes over the weight-sized matrices, backward, one token: the input's gradient, ``E`` (in place,
 in the quantized weight's memory), ``E x``, ``inside x``, ``g E``, and for a smoothed weight the two
-extreme masks, their counts and one product each (11, of which 3 write); the autograd path made
-about 16, 8 of them writing a new matrix (the outer product, ``G * inside``, the error, its
-product with ``G``, the masks, their two ``addcmul``, the scale's ``mul`` backward). The forward is
+extreme masks (one compare against the stacked bounds), their counts and their product with a
+per-row vector (11 matrix traversals, of which 3 write); the autograd route made 16, 7 of them
+writing a new matrix (the outer product, ``G * inside``, the error, its product with ``G``, the
+two masks, the scale's ``mul`` backward) and 2 updating one in place (the masks' ``addcmul``). The forward is
 :func:`~quantizers.fake_quant.fused_quantize` (the same values bit for bit) and the Linear's own
 ``F.linear``; the gradients equal the autograd path's to float rounding (sums in another order;
 ``W_ij`` recovered as ``W'_ij / s_j``), tested in ``tests/test_few_token_linear.py``.
