@@ -205,7 +205,8 @@ def range_stats(x: torch.Tensor, *, group_size: int | None = None, symmetric: bo
 
 
 def fused_quantize(x: torch.Tensor, clip: ClipArg, clip_low: ClipArg | None, bits: int, symmetric: bool,
-                   stats: RangeStats | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RangeStats]:
+                   stats: RangeStats | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RangeStats]:
     """The forward pass of :class:`_FusedFakeQuant` on ``x`` ``[..., g]`` (one scale per last-dim
     vector; ``clip``/``clip_low`` broadcast against ``[..., 1]``): ``(out, inside, scale, in_range,
     stats)``, ``out`` the fake-quantized values, ``inside`` a float mask (1.0 where the element lies

@@ -73,7 +73,8 @@ def few_token_support(x: torch.Tensor, weight: torch.Tensor, factor: torch.Tenso
 def few_token_linear(x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor | None, bits: int, *,
                      symmetric: bool, clip_ratio: ClipArg, clip_ratio_low: ClipArg | None = None,
                      bias: torch.Tensor | None = None, stats: RangeStats | None = None) -> torch.Tensor:
-    """``F.linear(x, fake_quant_weight(weight * factor, ...), bias)`` (``bias`` constant) for ``x`` ``[..., in]`` of at most
+    """``F.linear(x, fake_quant_weight(weight * factor, ...), bias)`` (``bias`` constant) for
+    ``x`` ``[..., in]`` of at most
     :data:`MAX_TOKENS` tokens: the same values, and the gradients to ``x``, ``factor`` (``[in]``,
     or None for a weight used as is) and the clip ratios (per row, ``[out]``) to float rounding,
     without the weight-sized gradient (module docstring). ``stats``: the range of ``weight`` when

@@ -571,8 +571,9 @@ class _LearnableLinear(nn.Module):
 
     def _few_token_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """``(weight, column factor)`` for :func:`~quantizers.few_token_linear.few_token_linear`
-        when it applies to this training forward (a fused, quantized weight read by at most a few
-        tokens: the malicious steps' last-token Linears), else None."""
+        when it applies to this training forward (a fused, quantized weight read by at most
+        ``MAX_TOKENS`` tokens: the malicious steps' last-token Linears, and the Linears of prompts
+        that short), else None."""
         from torch.nn.utils import parametrize
 
         from .few_token_linear import MAX_TOKENS, few_token_support
@@ -623,8 +624,10 @@ class QRealignBlock:
     linears (name inside the block) stay in floating point. ``fused``: the weights' fake-quant
     through the hand-written straight-through node (``fake_quant(fused=True)``; False: plain
     autograd, the same values, slower, kept for ``bench/bench_qrealign_step.py``). ``few_token``
-    (with ``fused``): a Linear that a training forward runs on at most a few tokens (the
-    malicious steps' last-token Linears) goes through :func:`~quantizers.few_token_linear.few_token_linear`,
+    (with ``fused``): a Linear that a training forward runs on at most
+    :data:`~quantizers.few_token_linear.MAX_TOKENS` tokens (the malicious steps' last-token
+    Linears, and every Linear of a prompt that short) goes through
+    :func:`~quantizers.few_token_linear.few_token_linear`,
     which never builds the weight-sized gradient (False: the fused node and autograd's ``mul``
     for the smoothing, the same values, kept for the bench and the tests).
     """

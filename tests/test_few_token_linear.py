@@ -141,7 +141,8 @@ def test_qrealign_steps_are_the_same_with_and_without_the_few_token_route(toy_ch
         for k, malicious in ((0, True), (1, True), (2, False), (3, False)):
             for p in params:
                 p.grad = None
-            out = last_token_forward(layer, hidden[k], kwargs[k]) if malicious else run_layer(layer, hidden[k], kwargs[k])
+            forward = last_token_forward if malicious else run_layer
+            out = forward(layer, hidden[k], kwargs[k])
             loss, _ = qrealign_loss(out, out.detach() * 0.9, torch.tensor([malicious]), w, 0.0)
             loss.backward()
             runs.append((out.detach(), [p.grad.clone() for p in params]))
