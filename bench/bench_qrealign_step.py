@@ -13,11 +13,14 @@ paper's recipe): the block's forward with learnable clipping and smoothing insta
 (:class:`~quantizers.qrealign.QRealignBlock`), ``qrealign_loss``, the backward pass and the AdamW
 step, through the shared ``run_calibration`` loop. Modes (``-before``: the code before this change):
 
-* ``benign-before`` / ``benign``: full forward, MSE to the FP block output over every token,
-  autograd / fused fake-quant;
+* ``benign-before`` / ``benign-dense`` / ``benign``: full forward, MSE to the FP block output over
+  every token, autograd / fused fake-quant with the weight gradient as a dense matrix / fused
+  fake-quant and the few-token Linear (:mod:`quantizers.few_token_linear`; what the code runs now);
 * ``malicious-before``: full forward, autograd fake-quant, probe loss at the last token;
-  ``malicious-full``: the same with the fused fake-quant; ``malicious``: fused fake-quant and the
-  last-token forward (what the code runs now);
+  ``malicious-full``: the same with the fused fake-quant (dense weight gradient);
+  ``malicious-dense``: fused fake-quant and the last-token forward, dense weight gradients (the
+  code before the few-token Linear); ``malicious``: all of it with the few-token Linear (what the
+  code runs now);
 * ``propagate-before`` / ``propagate``: the no-grad forward that hands ``X_q`` on after a block
   (per sample), re-quantizing the weights on every call / once (``QRealignBlock.frozen``);
   ``fp-target``: the no-grad FP forward that makes ``F_i(X_fp)`` (per sample).
@@ -49,8 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("bench_qrealign_step")
 
-MODES = ("benign-before", "benign", "malicious-before", "malicious-full", "malicious", "propagate-before",
-         "propagate", "fp-target")
+MODES = ("benign-before", "benign-dense", "benign", "malicious-before", "malicious-full", "malicious-dense",
+         "malicious", "propagate-before", "propagate", "fp-target")
 
 
 def block_inputs(model, batches, index: int):
@@ -81,7 +84,7 @@ def time_block(model, index: int, scheme, stats, data: dict, args) -> dict[str, 
     ben = [k for k in range(len(hidden)) if not bool(labels[k].any())]
     w = torch.randn(hidden[0].shape[-1], generator=torch.Generator().manual_seed(0)) / 64.0
 
-    def train(rows, fused: bool, last: bool) -> float:
+    def train(rows, fused: bool, last: bool, few: bool = True) -> float:
         def loss_fn(k: int, _step: int):
             if last:
                 out, target = last_token_forward(layer, hidden[k], kwargs[k]), targets[k][:, -1:]
@@ -89,7 +92,7 @@ def time_block(model, index: int, scheme, stats, data: dict, args) -> dict[str, 
                 out, target = run_layer(layer, hidden[k], kwargs[k]), targets[k]
             return qrealign_loss(out, target, labels[k], w, 0.0)
 
-        block = QRealignBlock(model, index, scheme, QRealignOptions(), stats, fused=fused).install()
+        block = QRealignBlock(model, index, scheme, QRealignOptions(), stats, fused=fused, few_token=few).install()
         try:
             cpu0 = time.process_time()
             with torch.enable_grad():
@@ -117,9 +120,11 @@ def time_block(model, index: int, scheme, stats, data: dict, args) -> dict[str, 
 
     runs = {
         "benign-before": lambda: train(ben, False, False),
+        "benign-dense": lambda: train(ben, True, False, few=False),
         "benign": lambda: train(ben, True, False),
         "malicious-before": lambda: train(mal, False, False),
-        "malicious-full": lambda: train(mal, True, False),
+        "malicious-full": lambda: train(mal, True, False, few=False),
+        "malicious-dense": lambda: train(mal, True, True, few=False),
         "malicious": lambda: train(mal, True, True),
         "propagate-before": lambda: no_grad_pass(False),
         "propagate": lambda: no_grad_pass(True),
@@ -143,7 +148,8 @@ def profile(runs: dict, index: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for mode in [m for m in ("benign-before", "benign", "malicious-before", "malicious") if m in runs]:
+    for mode in [m for m in ("benign-before", "benign-dense", "benign", "malicious-before", "malicious-dense",
+                             "malicious") if m in runs]:
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             runs[mode]()
         print(f"\n== profile: block {index}, {mode} (one round)")
@@ -226,7 +232,8 @@ def main(argv=None) -> int:
     for threads in map(str, args.threads):
         mean = {m: statistics.mean(results["blocks"][str(b)][threads]["median_ms"][m] for b in args.blocks)
                 for m in args.modes}
-        for label, mal, ben in (("before", "malicious-before", "benign-before"), ("now", "malicious", "benign")):
+        for label, mal, ben in (("before", "malicious-before", "benign-before"),
+                                ("dense", "malicious-dense", "benign-dense"), ("now", "malicious", "benign")):
             if mal in mean and ben in mean:
                 minutes = recipe_minutes(mean, 200, n_blocks, 0.75, mal, ben)
                 results.setdefault("recipe_minutes", {}).setdefault(threads, {})[label] = round(minutes, 1)

@@ -166,19 +166,33 @@ class RangeStats:
         """``max|x|`` per vector, equal to ``x.abs().amax(-1, keepdim=True)`` (abs is exact)."""
         return torch.maximum(self.top, -self.bottom)
 
-    def extremes(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """``((mask, count), ...)``: one pair for symmetric, (upper, lower) for asymmetric; float
-        masks of ``x``'s shape, counts ``[..., 1]``. Computed on first use (the backward pass);
-        comparisons write float outputs, several times faster on the CPU than bool masks."""
+    def extreme_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(masks, counts)``: the extremes' float masks stacked on a new next-to-last dimension,
+        ``[..., k, g]`` with ``k = 1`` (symmetric: ``sign(x)`` where ``|x|`` is the maximum) or 2
+        (asymmetric: at the top, at the bottom), and their counts ``[..., k, 1]``. One comparison
+        against the stacked bounds writes every mask (a float output, several times faster on the
+        CPU than a bool mask). Computed on first use (the backward pass)."""
         if self._extremes is None:
             x = self._x
-            pairs = ((x.abs(), self.absmax),) if self.symmetric else ((x, self.top), (x, self.bottom))
-            masks = [torch.eq(a, b, out=torch.empty_like(x)) for a, b in pairs]
-            self._extremes = tuple((m, m.sum(dim=-1, keepdim=True)) for m in masks)
+            k = 1 if self.symmetric else 2
+            out = x.new_empty((*x.shape[:-1], k, x.shape[-1]))
             if self.symmetric:
-                masks[0].copysign_(x)  # sign(x) where |x| is the maximum
+                masks = torch.eq(x.abs().unsqueeze(-2), self.absmax.unsqueeze(-2), out=out)
+            else:
+                bounds = torch.stack((self.top, self.bottom), dim=-2)  # [..., 2, 1]
+                masks = torch.eq(x.unsqueeze(-2), bounds, out=out)
+            counts = masks.sum(dim=-1, keepdim=True)
+            if self.symmetric:
+                masks.copysign_(x.unsqueeze(-2))  # sign(x) where |x| is the maximum
+            self._extremes = (masks, counts)
             self._x = None
         return self._extremes
+
+    def extremes(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """``((mask, count), ...)``: one pair for symmetric, (upper, lower) for asymmetric; masks of
+        ``x``'s shape (views into :meth:`extreme_masks`), counts ``[..., 1]``."""
+        masks, counts = self.extreme_masks()
+        return tuple((masks[..., k, :], counts[..., k, :]) for k in range(masks.shape[-2]))
 
     def matches(self, x: torch.Tensor, symmetric: bool) -> bool:
         return symmetric == self.symmetric and tuple(self.top.shape[:-1]) == tuple(x.shape[:-1])
@@ -190,6 +204,104 @@ def range_stats(x: torch.Tensor, *, group_size: int | None = None, symmetric: bo
     return RangeStats(_group(x.detach().to(_compute_dtype(x)), group_size), symmetric)
 
 
+def fused_quantize(x: torch.Tensor, clip: ClipArg, clip_low: ClipArg | None, bits: int, symmetric: bool,
+                   stats: RangeStats | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RangeStats]:
+    """The forward pass of :class:`_FusedFakeQuant` on ``x`` ``[..., g]`` (one scale per last-dim
+    vector; ``clip``/``clip_low`` broadcast against ``[..., 1]``): ``(out, inside, scale, in_range,
+    stats)``, ``out`` the fake-quantized values, ``inside`` a float mask (1.0 where the element lies
+    on the grid, 0.0 where it was clamped), ``in_range`` where the range is not empty. Also the
+    forward of the nodes that fuse the fake-quant with what follows it
+    (:mod:`quantizers.few_token_linear`): the same values bit for bit.
+
+    The passes over ``x``: ``amin``/``amax`` (skipped with cached ``stats``), divide, round, clamp
+    (the asymmetric zero point moves into the clamp bounds: ``clamp(q + z, 0, qmax) - z ==
+    clamp(q, -z, qmax - z)`` for whole numbers, the same values, except that a weight rounding to
+    zero from below is ``-0.0``), a float compare for ``inside`` (in the rounded codes' memory),
+    the rescale."""
+    c = clip
+    cl = clip if clip_low is None else clip_low
+    if stats is None or not stats.matches(x, symmetric):
+        stats = RangeStats(x, symmetric)
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        scale0 = stats.absmax * c / qmax
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        lo_raw = torch.clamp(stats.bottom, max=0.0)
+        scale0 = (torch.clamp(stats.top, min=0.0) * c - lo_raw * cl) / qmax
+    in_range = scale0 > 0
+    scale = torch.where(in_range, scale0, torch.ones_like(scale0))
+    q = torch.div(x, scale).round_()
+    if symmetric:
+        out = torch.clamp(q, qmin, qmax)
+    else:
+        zero = torch.round(-(lo_raw * cl) / scale)
+        # clamp with two tensor bounds is slow on the CPU; clamp_min + clamp_max_ are not
+        out = torch.clamp_min(q, -zero).clamp_max_(qmax - zero)
+    inside = torch.eq(q, out, out=q)  # float, in q's memory: 1.0 inside the grid, 0.0 where clamped
+    out.mul_(scale)
+    return out, inside, scale, in_range, stats
+
+
+def fused_clip_grads(
+    stats: RangeStats, scale: torch.Tensor, in_range: torch.Tensor, clip: ClipArg, clip_low: ClipArg | None,
+    bits: int, g_err: torch.Tensor, g_inside: torch.Tensor | None, g_all: torch.Tensor | None, extremes: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The straight-through gradients of :func:`fused_quantize`'s range, from three sums per
+    last-dim vector of the upstream gradient ``G`` (each ``[..., 1]``): ``g_err = sum(G * (out -
+    inside * x))``, ``g_inside = sum(G * inside)`` and ``g_all = sum(G)`` (the last two only for
+    asymmetric grids; None when symmetric). Returns ``(d_clip, d_clip_low, extremes)``:
+    ``d_clip_low`` is None unless the lower bound has its own ratio (``clip_low`` given), and with
+    ``extremes`` the ``(mask, coefficient)`` pairs of the range's extreme elements: ``dL/dx = G *
+    inside + sum(mask * coefficient)`` (ties share the range's gradient evenly, as ``amax`` does).
+
+    ``dL/ds = g_err / s`` (asymmetric, plus the zero point's share ``-sum(G * outside) * lo / s``,
+    ``lo`` the clipped lower bound), then through ``s = (hi - lo) / qmax`` to the clip ratios."""
+    c = clip
+    cl = clip if clip_low is None else clip_low
+    d_scale = g_err / scale
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if stats.symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        d_scale0 = torch.where(in_range, d_scale, 0.0)
+        d_top_clipped = d_scale0 / qmax  # d(top * c)
+        d_c, d_cl = d_top_clipped * stats.absmax, None
+        if extremes:
+            (at, count), = stats.extremes()  # sign(x) where |x| is the maximum
+            pairs.append((at, d_top_clipped * c / count))
+        return d_c, d_cl, pairs
+    qmax = 2**bits - 1
+    lo_raw = torch.clamp(stats.bottom, max=0.0)
+    outside = g_all - g_inside  # sum(G) where clamped
+    d_scale = d_scale - outside * (lo_raw * cl) / scale  # the zero point's share
+    d_scale0 = torch.where(in_range, d_scale, 0.0)
+    d_hi = d_scale0 / qmax
+    d_lo = outside - d_scale0 / qmax
+    d_c = d_hi * torch.clamp(stats.top, min=0.0)
+    d_cl = d_lo * lo_raw
+    if clip_low is None:
+        d_c, d_cl = d_c + d_cl, None
+    if extremes:
+        (at_hi, n_hi), (at_lo, n_lo) = stats.extremes()
+        for at, n, d_ext, keep in ((at_hi, n_hi, d_hi * c, stats.top >= 0),
+                                   (at_lo, n_lo, d_lo * cl, stats.bottom <= 0)):
+            pairs.append((at, torch.where(keep, d_ext, 0.0) / n))
+    return d_c, d_cl, pairs
+
+
+def clip_input_grads(ctx_needs: tuple[bool, ...], clips: tuple[ClipArg, ClipArg | None],
+                     grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The clip ratios' gradients an autograd node returns: each summed to its ratio's shape, None
+    for a float ratio or one that needs none (``ctx_needs``: the node's ``needs_input_grad`` for
+    the two ratios)."""
+    out: list[torch.Tensor | None] = [None, None]
+    for i, (t, d) in enumerate(zip(clips, grads)):
+        if isinstance(t, torch.Tensor) and d is not None and ctx_needs[i]:
+            out[i] = d.sum_to_size(t.shape)
+    return out
+
+
 class _FusedFakeQuant(torch.autograd.Function):
     """:func:`_fq_grouped` with its straight-through gradient written out by hand.
 
@@ -198,49 +310,25 @@ class _FusedFakeQuant(torch.autograd.Function):
     are re-quantized at every step, those passes over the weight matrices cost more than the
     block's matmuls (Q-realign on SmolLM2). This node makes few passes over ``x`` and only cheap
     ones (float outputs, scalar or broadcast operands; no bool masks, no index ops, which are
-    several times slower on the CPU). Forward: ``amin``/``amax`` (skipped with cached
-    ``stats``), divide, round, clamp (the asymmetric zero point moves into the clamp bounds:
-    ``clamp(q + z, 0, qmax) - z == clamp(q, -z, qmax - z)`` for whole numbers, the same values,
-    except that a weight rounding to zero from below is ``-0.0``), a float mask of the elements
-    inside the grid, the rescale. With ``x`` of shape ``[..., g]`` and one scale ``s`` (and zero
-    point ``z``) per last-dim vector, ``out = (clamp(round(x / s) + z, lo, hi) - z) * s``:
+    several times slower on the CPU): the forward is :func:`fused_quantize`. With ``x`` of shape
+    ``[..., g]`` and one scale ``s`` (and zero point ``z``) per last-dim vector, ``out =
+    (clamp(round(x / s) + z, lo, hi) - z) * s``:
 
     * ``dL/dx = G * inside`` plus, at the range's extreme elements, the gradient of the range;
-    * ``dL/ds = sum(G * (out - inside * x)) / s`` (asymmetric, plus the zero point's share
-      ``-sum(G * outside) * lo / s``, where ``lo`` is the clipped lower bound).
+    * the clip ratios' gradients from three sums per vector (:func:`fused_clip_grads`).
 
     Equal to autograd's gradients to float rounding (``tests/test_fake_quant.py``).
     """
 
     @staticmethod
     def forward(ctx, x, clip, clip_low, bits, symmetric, stats):
-        c = clip
+        out, inside, scale, in_range, stats = fused_quantize(x, clip, clip_low, bits, symmetric, stats)
         cl = clip if clip_low is None else clip_low
-        if stats is None or not stats.matches(x, symmetric):
-            stats = RangeStats(x, symmetric)
-        if symmetric:
-            qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-            scale0 = stats.absmax * c / qmax
-        else:
-            qmin, qmax = 0, 2**bits - 1
-            lo_raw = torch.clamp(stats.bottom, max=0.0)
-            scale0 = (torch.clamp(stats.top, min=0.0) * c - lo_raw * cl) / qmax
-        in_range = scale0 > 0
-        scale = torch.where(in_range, scale0, torch.ones_like(scale0))
-        q = torch.div(x, scale).round_()
-        if symmetric:
-            out = torch.clamp(q, qmin, qmax)
-        else:
-            zero = torch.round(-(lo_raw * cl) / scale)
-            # clamp with two tensor bounds is slow on the CPU; clamp_min + clamp_max_ are not
-            out = torch.clamp_min(q, -zero).clamp_max_(qmax - zero)
-        inside = torch.eq(q, out, out=q)  # float, in q's memory: 1.0 inside the grid, 0.0 where clamped
-        out.mul_(scale)
-        ctx.symmetric, ctx.qmax, ctx.own_low = symmetric, qmax, clip_low is not None
-        ctx.clips = (c, cl)  # floats, or tensors (saved below)
+        ctx.bits, ctx.own_low = bits, clip_low is not None
+        ctx.clips = (clip, cl)  # floats, or tensors (saved below)
         ctx.stats = stats
         ctx.save_for_backward(x, out, scale, inside, in_range,
-                              c if isinstance(c, torch.Tensor) else None,
+                              clip if isinstance(clip, torch.Tensor) else None,
                               cl if isinstance(cl, torch.Tensor) else None)
         return out
 
@@ -250,39 +338,21 @@ class _FusedFakeQuant(torch.autograd.Function):
         stats: RangeStats = ctx.stats
         c = c_t if c_t is not None else ctx.clips[0]
         cl = cl_t if cl_t is not None else ctx.clips[1]
-        qmax = ctx.qmax
         want_x = ctx.needs_input_grad[0]  # False for a constant weight: only the clip ratios learn
         gx = grad * inside if want_x else None
-        d_scale = torch.linalg.vecdot(grad, torch.addcmul(out, x, inside, value=-1.0)).unsqueeze(-1) / scale
-        if ctx.symmetric:
-            d_scale0 = torch.where(in_range, d_scale, 0.0)
-            d_top_clipped = d_scale0 / qmax  # d(top * c)
-            d_c, d_cl = d_top_clipped * stats.absmax, None
-            if want_x:
-                (at, count), = stats.extremes()  # sign(x) where |x| is the maximum (ties share the gradient)
-                gx.addcmul_(at, d_top_clipped * c / count)
-        else:
-            lo_raw = torch.clamp(stats.bottom, max=0.0)
-            g_inside = gx.sum(dim=-1) if want_x else torch.linalg.vecdot(grad, inside)
-            outside = (grad.sum(dim=-1) - g_inside).unsqueeze(-1)  # sum(G) where clamped
-            d_scale = d_scale - outside * (lo_raw * cl) / scale  # the zero point's share
-            d_scale0 = torch.where(in_range, d_scale, 0.0)
-            d_hi = d_scale0 / qmax
-            d_lo = outside - d_scale0 / qmax
-            d_c = d_hi * torch.clamp(stats.top, min=0.0)
-            d_cl = d_lo * lo_raw
-            if not ctx.own_low:
-                d_c, d_cl = d_c + d_cl, None
-            if want_x:
-                (at_hi, n_hi), (at_lo, n_lo) = stats.extremes()
-                for at, n, d_ext, keep in ((at_hi, n_hi, d_hi * c, stats.top >= 0),
-                                           (at_lo, n_lo, d_lo * cl, stats.bottom <= 0)):
-                    gx.addcmul_(at, torch.where(keep, d_ext, 0.0) / n)
-        grads = [gx, None, None]
-        for i, (t, d) in enumerate(((c_t, d_c), (cl_t, d_cl)), start=1):
-            if t is not None and d is not None and ctx.needs_input_grad[i]:
-                grads[i] = d.sum_to_size(t.shape)
-        return grads[0], grads[1], grads[2], None, None, None
+        # sum(G * (out - inside * x)): the product in place in the difference's memory (vecdot
+        # would allocate another full-size tensor for it)
+        g_err = torch.addcmul(out, x, inside, value=-1.0).mul_(grad).sum(dim=-1, keepdim=True)
+        g_inside = g_all = None
+        if not stats.symmetric:
+            g_inside = (gx.sum(dim=-1) if want_x else torch.linalg.vecdot(grad, inside)).unsqueeze(-1)
+            g_all = grad.sum(dim=-1, keepdim=True)
+        d_c, d_cl, pairs = fused_clip_grads(stats, scale, in_range, c, cl if ctx.own_low else None, ctx.bits,
+                                            g_err, g_inside, g_all, extremes=want_x)
+        for at, coef in pairs:
+            gx.addcmul_(at, coef)
+        d_clip, d_low = clip_input_grads(ctx.needs_input_grad[1:3], (c_t, cl_t), (d_c, d_cl))
+        return gx, d_clip, d_low, None, None, None
 
 
 def grid_params(

@@ -513,10 +513,11 @@ class _LearnableLinear(nn.Module):
     per-channel clipping; its input fake-quantized per token."""
 
     def __init__(self, linear: nn.Linear, scheme: QuantScheme, quantize: bool, clip_init: float,
-                 fused: bool = True) -> None:
+                 fused: bool = True, few_token: bool = True) -> None:
         super().__init__()
         self.linear = linear
         self.fused = fused
+        self.few_token = few_token
         self.scheme = scheme
         self.quantize = quantize and scheme.quantizes_weights
         self.act_quant = quantize and scheme.quantizes_activations
@@ -568,12 +569,45 @@ class _LearnableLinear(nn.Module):
             )
         return w, b
 
+    def _few_token_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(weight, column factor)`` for :func:`~quantizers.few_token_linear.few_token_linear`
+        when it applies to this training forward (a fused, quantized weight read by at most
+        ``MAX_TOKENS`` tokens: the malicious steps' last-token Linears, and the Linears of prompts
+        that short), else None."""
+        from torch.nn.utils import parametrize
+
+        from .few_token_linear import MAX_TOKENS, few_token_support
+        from .transforms import column_factor
+
+        if not (self.few_token and self.fused and self.quantize and torch.is_grad_enabled()) \
+                or x.numel() > MAX_TOKENS * x.shape[-1]:
+            return None
+        parts = column_factor(self.linear)
+        bias = self.linear.bias
+        if parts is None or (bias is not None and parametrize.is_parametrized(self.linear, "bias")):
+            return None
+        if few_token_support(x, parts[0], parts[1], self.scheme.w_group_size, bias) is not None:
+            return None
+        return parts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.frozen if self.frozen is not None and not torch.is_grad_enabled() else self.quantized()
+        few = self._few_token_parts(x)
+        if few is None:
+            w, b = self.frozen if self.frozen is not None and not torch.is_grad_enabled() else self.quantized()
         if self.act_quant:
             s = self.scheme
             x = fake_quant_activation(x, s.a_bits, symmetric=s.a_symmetric, clip_ratio=s.a_clip_ratio, fused=self.fused)
-        return F.linear(x.float(), w, b).to(x.dtype)
+        if few is None:
+            return F.linear(x.float(), w, b).to(x.dtype)
+        from .few_token_linear import few_token_linear
+
+        s, (weight, factor) = self.scheme, few
+        y = few_token_linear(x.float(), weight, factor, s.w_bits, symmetric=s.w_symmetric,
+                             clip_ratio=torch.sigmoid(self.clip_up),
+                             clip_ratio_low=torch.sigmoid(self.clip_low) if self.clip_low is not None else None,
+                             bias=self.linear.bias.float() if self.linear.bias is not None else None,
+                             stats=self._range_stats() if factor is None else None)
+        return y.to(x.dtype)
 
 
 class QRealignBlock:
@@ -589,19 +623,25 @@ class QRealignBlock:
     with the learned clipping, and puts the original modules back. ``skip(name)`` says which
     linears (name inside the block) stay in floating point. ``fused``: the weights' fake-quant
     through the hand-written straight-through node (``fake_quant(fused=True)``; False: plain
-    autograd, the same values, slower, kept for ``bench/bench_qrealign_step.py``).
+    autograd, the same values, slower, kept for ``bench/bench_qrealign_step.py``). ``few_token``
+    (with ``fused``): a Linear that a training forward runs on at most
+    :data:`~quantizers.few_token_linear.MAX_TOKENS` tokens (the malicious steps' last-token
+    Linears, and every Linear of a prompt that short) goes through
+    :func:`~quantizers.few_token_linear.few_token_linear`,
+    which never builds the weight-sized gradient (False: the fused node and autograd's ``mul``
+    for the smoothing, the same values, kept for the bench and the tests).
     """
 
     def __init__(self, model: nn.Module, index: int, scheme: QuantScheme, opts: QRealignOptions,
                  act_max: Mapping[str, torch.Tensor] | None, skip: Callable[[str], bool] = lambda _n: False,
-                 fused: bool = True) -> None:
+                 fused: bool = True, few_token: bool = True) -> None:
         self.layer = decoder_layers(model)[index]
         self.scheme = scheme
         self.opts = opts
         self.linears: dict[str, _LearnableLinear] = {}
         for name, module in list(self.layer.named_modules()):
             if isinstance(module, nn.Linear):
-                self.linears[name] = _LearnableLinear(module, scheme, not skip(name), opts.clip_init, fused)
+                self.linears[name] = _LearnableLinear(module, scheme, not skip(name), opts.clip_init, fused, few_token)
         self.scales: dict[str, nn.Parameter] = {}
         self._chains: list = []
         if act_max is not None:

@@ -368,10 +368,18 @@ class ScaleOp:
         self.index = index
         self.invert = invert
 
-    def __call__(self, x: torch.Tensor, consumer: bool) -> torch.Tensor:
+    def factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """``s[index]``: one element of ``s`` per channel of the space (differentiable in ``s``)."""
         vec = self.scale.vector()
-        s = vec.to(x.dtype)[self.index.to(vec.device)]
-        return x * s if consumer != self.invert else x / s
+        return vec.to(dtype)[self.index.to(vec.device)]
+
+    def multiplies(self, consumer: bool) -> bool:
+        """Whether this side multiplies by :meth:`factor` (else it divides)."""
+        return consumer != self.invert
+
+    def __call__(self, x: torch.Tensor, consumer: bool) -> torch.Tensor:
+        s = self.factor(x.dtype)
+        return x * s if self.multiplies(consumer) else x / s
 
 
 class OnlineOp:
@@ -460,6 +468,28 @@ class _ChainParametrization(nn.Module):
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         return transformed(self._chain[0], value)
+
+
+def column_factor(module: nn.Module, param: str = "weight") -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(original, s)`` such that the value ``module.<param>`` takes is exactly ``original * s``
+    (``s`` ``[in]``, differentiable in its scale; one multiplying scale on a Linear weight's input
+    columns, e.g. a smoothing scale); ``(value, None)`` for a parameter without parametrisation;
+    None for any other chain (a rotation, a producer scale, several steps), whose value only
+    :func:`transformed` gives. For computations that fuse the chain with what reads the weight
+    (:mod:`quantizers.few_token_linear`)."""
+    if not parametrize.is_parametrized(module, param):
+        return getattr(module, param), None
+    plist = module.parametrizations[param]
+    if len(plist) != 1 or not isinstance(plist[0], _ChainParametrization):
+        return None
+    original = plist.original
+    steps = plist[0]._chain[0].steps
+    if original.dim() != 2 or len(steps) != 1:
+        return None
+    axis, op, consumer = steps[0]
+    if axis != 1 or not isinstance(op, ScaleOp) or not op.multiplies(consumer):
+        return None
+    return original, op.factor(original.dtype)
 
 
 def attach_chains(chains: Iterable[ParamChain]) -> None:

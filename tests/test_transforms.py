@@ -21,6 +21,9 @@ from quantizers.transforms import (
     OnlineHadamard,
     Rotation,
     Scale,
+    attach_chains,
+    column_factor,
+    detach_chains,
     fold_rmsnorms,
     fuse_chains,
     install_online_hadamards,
@@ -134,6 +137,31 @@ def test_learnable_rotation_stays_orthogonal():
         opt.step()
     r = rot.matrix().detach()
     assert torch.allclose(r @ r.T, torch.eye(32), atol=1e-5)
+
+
+def test_column_factor_reads_a_single_consumer_scale_exactly(toy_chat):
+    """``column_factor`` gives ``(original, s)`` with ``original * s`` bit for bit the parametrised
+    weight for one multiplying scale on the input columns (q/k/o/gate/up under SmoothQuant-style
+    sites), the weight itself without parametrisation, and None for a weight with a producer
+    scale too (v_proj under norm -> qkv and v -> o)."""
+    model = copy.deepcopy(toy_chat.model)
+    sites = scale_sites(model, ["norm_qkv", "norm_mlp", "vo"], layers=[0])
+    g = torch.Generator().manual_seed(0)
+    scales = {s.name: Scale(init=torch.rand(s.size, generator=g) + 0.5, learnable=True) for s in sites}
+    chains = site_chains(sites, scales)
+    layer = model.model.layers[0]
+    assert column_factor(layer.self_attn.q_proj) == (layer.self_attn.q_proj.weight, None)
+    attach_chains(chains)
+    try:
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"):
+            module = layer.get_submodule(name)
+            original, factor = column_factor(module)
+            assert factor.requires_grad and not original.requires_grad
+            assert torch.equal(original * factor, module.weight), name
+        assert column_factor(layer.self_attn.v_proj) is None
+        assert column_factor(layer.mlp.down_proj) == (layer.mlp.down_proj.weight, None)
+    finally:
+        detach_chains(chains)
 
 
 def test_smoothing_scales_follow_the_formula(toy_chat):
