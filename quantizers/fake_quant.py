@@ -194,6 +194,19 @@ class RangeStats:
         masks, counts = self.extreme_masks()
         return tuple((masks[..., k, :], counts[..., k, :]) for k in range(masks.shape[-2]))
 
+    def release_input(self) -> None:
+        """Drop the reference to ``x`` until :meth:`restore_input`. An autograd node keeps ``x``
+        through ``save_for_backward``, which gradient checkpointing frees and recomputes; a plain
+        Python reference from the node (``ctx.stats``) would keep every layer's input alive until
+        the backward pass and undo the checkpointing."""
+        if self._extremes is None:
+            self._x = None
+
+    def restore_input(self, x: torch.Tensor) -> None:
+        """Give back the ``x`` these statistics were measured on (the node's saved tensor)."""
+        if self._extremes is None and self._x is None:
+            self._x = x
+
     def matches(self, x: torch.Tensor, symmetric: bool) -> bool:
         return symmetric == self.symmetric and tuple(self.top.shape[:-1]) == tuple(x.shape[:-1])
 
@@ -322,7 +335,10 @@ class _FusedFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, clip, clip_low, bits, symmetric, stats):
-        out, inside, scale, in_range, stats = fused_quantize(x, clip, clip_low, bits, symmetric, stats)
+        out, inside, scale, in_range, used = fused_quantize(x, clip, clip_low, bits, symmetric, stats)
+        if used is not stats:  # measured here on x: x itself is saved below, not held by the statistics
+            used.release_input()
+        stats = used
         cl = clip if clip_low is None else clip_low
         ctx.bits, ctx.own_low = bits, clip_low is not None
         ctx.clips = (clip, cl)  # floats, or tensors (saved below)
@@ -336,6 +352,7 @@ class _FusedFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         x, out, scale, inside, in_range, c_t, cl_t = ctx.saved_tensors
         stats: RangeStats = ctx.stats
+        stats.restore_input(x)
         c = c_t if c_t is not None else ctx.clips[0]
         cl = cl_t if cl_t is not None else ctx.clips[1]
         want_x = ctx.needs_input_grad[0]  # False for a constant weight: only the clip ratios learn
