@@ -124,25 +124,26 @@ class BadInput(Exception):
     """A wrong option value: main prints its one line and exits 2."""
 
 
-def chosen_rows(rows: list[Row], wanted: list[str] | None) -> tuple[list[Row], bool]:
-    """The rows ``--rows`` names (all when it is not given) and whether FP is among them.
+def chosen_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
+    """The rows ``--rows`` names (all when it is not given); ``fp`` may be named but is always
+    audited anyway (the audit's reference).
 
     Naming rows splits one table's work between processes (each quantizes or audits its share);
     the audit's shared results cache then lets the full run reuse every row they scored."""
     if not wanted:
-        return rows, True
+        return rows
     known = {r.name for r in rows}
     unknown = [w for w in wanted if w != "fp" and w not in known]
     if unknown:
         raise BadInput(f"bench_aaq: --rows: unknown row {unknown[0]!r}: choose fp or one of "
                        f"{', '.join(sorted(known))} (the rows of --sections and --schemes)")
-    return [r for r in rows if r.name in wanted], "fp" in wanted
+    return [r for r in rows if r.name in wanted]
 
 
-def audit(rows: list[Row], args: argparse.Namespace, with_fp: bool = True) -> dict:
+def audit(rows: list[Row], args: argparse.Namespace) -> dict:
     """One audit of FP and every folder; the AAQ-vs-OST pairs asked for explicitly."""
     out = args.audit_dir or args.out / "audit"
-    variants = (["fp"] if with_fp else []) + [f"{r.name}={args.out / 'variants' / r.name}" for r in rows]
+    variants = ["fp"] + [f"{r.name}={args.out / 'variants' / r.name}" for r in rows]
     names = {r.name for r in rows}
     pairs = [f"aaq-{s}=ost-{s}" for s in args.schemes if {f"aaq-{s}", f"ost-{s}"} <= names]
     pairs += [f"aaq-ablated-{s}=ost-{s}" for s in args.schemes if {f"aaq-ablated-{s}", f"ost-{s}"} <= names]
@@ -156,7 +157,7 @@ def audit(rows: list[Row], args: argparse.Namespace, with_fp: bool = True) -> di
         cmd += ["--data-dir", args.data_dir]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
-    print(f"auditing {'fp and ' if with_fp else ''}{len(rows)} variants into {out}", flush=True)
+    print(f"auditing fp and {len(rows)} variants into {out}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     return json.loads((out / "summary.json").read_text())
 
@@ -273,8 +274,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench-aaq-real")
     p.add_argument("--rows", nargs="+", metavar="NAME",
-                   help="only these rows (fp and names as the table prints them, e.g. ost-w4a16g64): to split the "
-                        "work between processes; a later run without --rows reuses their folders and cached rows")
+                   help="only these rows (names as the table prints them, e.g. ost-w4a16g64; fp is always audited): to split "
+                        "the work between processes; a later run without --rows reuses their folders and cached rows")
     p.add_argument("--no-audit", action="store_true", help="quantize the rows, then stop (no audit)")
     p.add_argument("--audit-dir", type=Path,
                    help="the audit's run directory (default OUT/audit); another one lets a second process audit "
@@ -283,14 +284,14 @@ def main() -> int:
     args.out = args.out.resolve()
 
     try:
-        rows, with_fp = chosen_rows(rows_for(args), args.rows)
+        rows = chosen_rows(rows_for(args), args.rows)
     except BadInput as e:
         print(e, file=sys.stderr)
         return 2
     costs = {r.name: quantize(r, args) for r in rows}
     if args.no_audit:
         return 0
-    summary = audit(rows, args, with_fp)
+    summary = audit(rows, args)
     sets = [s for s in ("harmful", "benign", "overrefusal", "advbench", "xstest-safe") if s in args.sets]
     aaq = args.out / "variants" / f"aaq-{args.schemes[0]}" / "variant.json"
     base = (json.loads(aaq.read_text()).get("base") or {}).get("name") if aaq.is_file() else None
@@ -306,7 +307,7 @@ def main() -> int:
     if contrast:
         print("\n## AAQ's calibration contrast (variant.json)\n")
         print("\n".join(f"- {c}" for c in contrast))
-    goals = goal_lines(summary, args.schemes) if with_fp else []  # the goal is against FP
+    goals = goal_lines(summary, args.schemes)
     if goals:
         print("\n## The issue's goal\n")
         print("\n".join(f"- {g}" for g in goals))
