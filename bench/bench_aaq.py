@@ -120,9 +120,29 @@ def quantize(row: Row, args: argparse.Namespace) -> dict:
     return info
 
 
+class BadInput(Exception):
+    """A wrong option value: main prints its one line and exits 2."""
+
+
+def chosen_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
+    """The rows ``--rows`` names (all when it is not given); ``fp`` may be named but is always
+    audited anyway (the audit's reference).
+
+    Naming rows splits one table's work between processes (each quantizes or audits its share);
+    the audit's shared results cache then lets the full run reuse every row they scored."""
+    if not wanted:
+        return rows
+    known = {r.name for r in rows}
+    unknown = [w for w in wanted if w != "fp" and w not in known]
+    if unknown:
+        raise BadInput(f"bench_aaq: --rows: unknown row {unknown[0]!r}: choose fp or one of "
+                       f"{', '.join(sorted(known))} (the rows of --sections and --schemes)")
+    return [r for r in rows if r.name in wanted]
+
+
 def audit(rows: list[Row], args: argparse.Namespace) -> dict:
     """One audit of FP and every folder; the AAQ-vs-OST pairs asked for explicitly."""
-    out = args.out / "audit"
+    out = args.audit_dir or args.out / "audit"
     variants = ["fp"] + [f"{r.name}={args.out / 'variants' / r.name}" for r in rows]
     names = {r.name for r in rows}
     pairs = [f"aaq-{s}=ost-{s}" for s in args.schemes if {f"aaq-{s}", f"ost-{s}"} <= names]
@@ -146,8 +166,16 @@ def compare_of(summary: dict, variant: str, judge: str, set_name: str) -> dict:
     return summary["statistics"]["comparisons"].get(variant, {}).get(judge, {}).get("sets", {}).get(set_name, {})
 
 
-def refusal_table(summary: dict, costs: dict[str, dict], sets: list[str]) -> str:
-    judge = summary["judges"][0]["name"]
+def rate_of(summary: dict, variant: str, judge: str, set_name: str) -> float | None:
+    """``variant``'s refusal rate on ``set_name`` by ``judge`` (None where the run has no such rows)."""
+    rates = summary["statistics"]["rates"].get(variant, {}).get(judge, {}).get(set_name)
+    return rates["refusal"]["rate"] if rates else None
+
+
+def refusal_table(summary: dict, costs: dict[str, dict], sets: list[str], judge: str | None = None) -> str:
+    """One row per variant: refusal per set by ``judge`` (default the primary), harmful flips and
+    McNemar p against FP by the same judge, then perplexity, calibration time and peak RSS."""
+    judge = judge or summary["judges"][0]["name"]
     head = ["variant", *sets, "ppl", "ppl / FP", "harmful lost / gained vs FP", "McNemar p", "calib s", "peak GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in summary["variants"]:
@@ -155,7 +183,8 @@ def refusal_table(summary: dict, costs: dict[str, dict], sets: list[str]) -> str
         cmp = compare_of(summary, name, judge, "harmful")
         flips = cmp.get("flips", {})
         cost = costs.get(name, {})
-        cells = [name, *[f"{m['refusal'][s]:.1%}" if s in m["refusal"] else "–" for s in sets],
+        rates = [rate_of(summary, name, judge, s) for s in sets]
+        cells = [name, *[f"{r:.1%}" if r is not None else "–" for r in rates],
                  f"{m['perplexity']:.3f}", f"{m.get('perplexity_ratio', 1.0):.3f}",
                  f"{flips['refusal_lost']} / {flips['refusal_gained']}" if flips else "–",
                  f"{cmp['mcnemar_p']:.3g}" if cmp else "–",
@@ -166,16 +195,31 @@ def refusal_table(summary: dict, costs: dict[str, dict], sets: list[str]) -> str
 
 
 def pairs_table(summary: dict) -> str:
-    lines = ["| A vs B | set | refusal A - B | lost / gained (B refused, A not / A refused, B not) | McNemar p |",
-             "|---|---|---|---|---|"]
+    """The ``--pairs`` blocks (primary judge): difference, flips both ways, McNemar p, bootstrap CI."""
+    lines = ["| A vs B | set | refusal A - B | lost / gained (B refused, A not / A refused, B not) | McNemar p "
+             "| bootstrap 95% CI |", "|---|---|---|---|---|---|"]
     for block in summary["statistics"].get("pairs", []):
         if block.get("origin") != "user":
             continue
         for set_name, cmp in block["sets"].items():
-            f = cmp["flips"]
+            f, ci = cmp["flips"], cmp.get("refusal_diff_ci95")
             lines.append(f"| {block['a']} vs {block['b']} | {set_name} | {cmp['refusal_diff']:+.1%} | "
-                         f"{f['refusal_lost']} / {f['refusal_gained']} | {cmp['mcnemar_p']:.3g} |")
+                         f"{f['refusal_lost']} / {f['refusal_gained']} | {cmp['mcnemar_p']:.3g} | "
+                         + (f"{ci[0]:+.1%} to {ci[1]:+.1%} |" if ci else "– |"))
     return "\n".join(lines)
+
+
+def contrast_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    """AAQ's FT/PT contrast on the calibration data, as its ``variant.json`` records it: whether
+    the push term had anything to push on (the quantizer warns below ``weak_below_tv``)."""
+    out = []
+    for r in rows:
+        record = args.out / "variants" / r.name / "variant.json"
+        contrast = (json.loads(record.read_text()).get("metadata") or {}).get("contrast") if record.is_file() else None
+        if contrast:
+            out.append(f"{r.name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in contrast.items()))
+    return out
 
 
 def goal_lines(summary: dict, schemes: list[str]) -> list[str]:
@@ -229,20 +273,40 @@ def main() -> int:
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench-aaq-real")
+    p.add_argument("--rows", nargs="+", metavar="NAME",
+                   help="only these rows (names as the table prints them, e.g. ost-w4a16g64; fp is always audited): to split "
+                        "the work between processes; a later run without --rows reuses their folders and cached rows")
+    p.add_argument("--no-audit", action="store_true", help="quantize the rows, then stop (no audit)")
+    p.add_argument("--audit-dir", type=Path,
+                   help="the audit's run directory (default OUT/audit); another one lets a second process audit "
+                        "other rows at the same time")
     args = p.parse_args()
     args.out = args.out.resolve()
 
-    rows = rows_for(args)
+    try:
+        rows = chosen_rows(rows_for(args), args.rows)
+    except BadInput as e:
+        print(e, file=sys.stderr)
+        return 2
     costs = {r.name: quantize(r, args) for r in rows}
+    if args.no_audit:
+        return 0
     summary = audit(rows, args)
     sets = [s for s in ("harmful", "benign", "overrefusal", "advbench", "xstest-safe") if s in args.sets]
     aaq = args.out / "variants" / f"aaq-{args.schemes[0]}" / "variant.json"
     base = (json.loads(aaq.read_text()).get("base") or {}).get("name") if aaq.is_file() else None
     print(f"\n## AAQ on {args.model} (PT: {base or args.base}); refusal by {summary['judges'][0]['name']} ({ROLE_NOTE})\n")
     print(refusal_table(summary, costs, sets))
+    for judge in [j["name"] for j in summary["judges"][1:]]:
+        print(f"\nrefusal by {judge} (flips and p by {judge} too)\n")
+        print(refusal_table(summary, costs, sets, judge))
     if any(b.get("origin") == "user" for b in summary["statistics"].get("pairs", [])):
         print("\n## Head to head\n")
         print(pairs_table(summary))
+    contrast = contrast_lines(rows, args)
+    if contrast:
+        print("\n## AAQ's calibration contrast (variant.json)\n")
+        print("\n".join(f"- {c}" for c in contrast))
     goals = goal_lines(summary, args.schemes)
     if goals:
         print("\n## The issue's goal\n")

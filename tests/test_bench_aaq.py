@@ -46,3 +46,43 @@ def test_bench_aaq_toy_table(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "quantizing" not in again.stdout
+
+
+def test_bench_aaq_unknown_row_is_one_line_exit_2(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "bench/bench_aaq.py", "--sections", "main", "--schemes", "w4a16g64",
+                           "--rows", "fp", "ost-w4a16", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--rows" in done.stderr and "'ost-w4a16'" in done.stderr
+    assert "ost-w4a16g64" in done.stderr  # names the rows it knows
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_bench_aaq_split_rows_reuse_the_shared_cache(tmp_path):
+    """Two processes' share of the table (--rows, --no-audit, --audit-dir), then the full run:
+    it quantizes nothing and generates nothing again (the audits' shared cache serves it)."""
+    out = tmp_path / "bench"
+    base = [sys.executable, "bench/bench_aaq.py", "--model", "toy-chat", "--schemes", "w4a4kv4", "--sections", "main",
+            "--calib-samples", "4", "--calib-len", "64", "--options", "steps=1", "--sets", "harmful",
+            "--perplexity-text", "toy-heldout", "--judges", "refusal-phrases", "--limit", "3", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAFEQUANT_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run(*extra):
+        done = subprocess.run([*base, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    first = run("--rows", "rtn-w4a4kv4", "--no-audit")
+    assert "quantizing rtn-w4a4kv4" in first.stdout and "auditing" not in first.stdout
+    assert sorted(p.name for p in (out / "variants").iterdir()) == ["rtn-w4a4kv4"]
+    part = run("--rows", "fp", "rtn-w4a4kv4", "--audit-dir", str(tmp_path / "part"))
+    assert [v["name"] for v in json.loads((tmp_path / "part" / "summary.json").read_text())["variants"]] == \
+        ["fp", "rtn-w4a4kv4"]
+    assert "quantizing" not in part.stdout
+    whole = run("--rows", "fp", "rtn-w4a4kv4", "gptq-w4a4kv4")
+    assert "quantizing gptq-w4a4kv4" in whole.stdout and "quantizing rtn" not in whole.stdout
+    assert "| gptq-w4a4kv4 |" in whole.stdout and "| rtn-w4a4kv4 |" in whole.stdout
+    summary = json.loads((out / "audit" / "summary.json").read_text())
+    started = {v["name"]: v["backend"].get("started", True) for v in summary["variants"]}
+    assert started == {"fp": False, "rtn-w4a4kv4": False, "gptq-w4a4kv4": True}  # fp, rtn: every row from the cache
