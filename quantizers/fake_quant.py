@@ -482,7 +482,6 @@ def fake_quant_kv(
     group_size: int | None = None,
     symmetric: bool = False,
     clip_ratio: ClipArg = 1.0,
-    fused: bool = False,
 ) -> torch.Tensor:
     """KV-cache states ``[batch, heads, tokens, head_dim]``: per token, per group of ``group_size``
     channels of each head (``None`` = the whole head), asymmetric by default.
@@ -493,9 +492,8 @@ def fake_quant_kv(
     ``[-zero * scale, (2^b - 1 - zero) * scale]``, which gives back the same scale and zero point;
     symmetric: the largest magnitude lands on ``qmax * scale``); with ``clip_ratio < 1`` it is
     not (each pass clips the range again), so callers must quantize full-precision states.
-    ``fused`` as in :func:`fake_quant`.
     """
-    return fake_quant(x, bits, group_size=group_size, symmetric=symmetric, clip_ratio=clip_ratio, fused=fused)
+    return fake_quant(x, bits, group_size=group_size, symmetric=symmetric, clip_ratio=clip_ratio)
 
 
 @torch.no_grad()

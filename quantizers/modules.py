@@ -217,8 +217,7 @@ class QuantLinear(nn.Module):
         if self.input_transform is not None:
             x = self.input_transform(x)
         if self.a_bits < 16:
-            x = fake_quant_activation(x, self.a_bits, symmetric=self.a_symmetric, clip_ratio=self.a_clip_ratio,
-                                      fused=_training_through(x))
+            x = fake_quant_activation(x, self.a_bits, symmetric=self.a_symmetric, clip_ratio=self.a_clip_ratio)
         if memo is not None:
             memo[0] = (original, key, x)
         return x
@@ -234,15 +233,6 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, w_bits={self.w_bits}, {act}"
         )
-
-
-def _training_through(x: torch.Tensor) -> bool:
-    """Whether a backward pass will run through this fake-quant (OST and AAQ train their transforms
-    through every quantized input): then the hand-written straight-through node of
-    :func:`fake_quant` (``fused=True``) is used, the same values and, to float rounding, the same
-    gradients as autograd through the formula at a fraction of its elementwise passes (in an OST
-    step on SmolLM2 those passes were about half of the CPU time)."""
-    return torch.is_grad_enabled() and x.requires_grad
 
 
 def default_weight_fn(name: str, linear: nn.Linear, scheme: QuantScheme) -> torch.Tensor:
@@ -384,8 +374,8 @@ def _quantize_kv(module: nn.Module, query, key, value):
     spec = kv_spec_of(module)
     if spec is not None and spec.bits < 16:
         kw = dict(group_size=spec.group_size, symmetric=spec.symmetric, clip_ratio=spec.clip_ratio)
-        key = fake_quant_kv(key, spec.bits, fused=_training_through(key), **kw)
-        value = fake_quant_kv(value, spec.bits, fused=_training_through(value), **kw)
+        key = fake_quant_kv(key, spec.bits, **kw)
+        value = fake_quant_kv(value, spec.bits, **kw)
     return query, key, value
 
 
