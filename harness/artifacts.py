@@ -102,8 +102,8 @@ def _path(text: str) -> Path:
     """``text`` as a path, ``~`` expanded where there is a home to expand it to (``~nobody`` stays)."""
     try:
         return Path(text).expanduser()
-    except RuntimeError:  # "~user" without such a user: not a path we can resolve, so not an artifact
-        return Path(text)
+    except (RuntimeError, ValueError):  # "~user" without such a user, or "~" with a NUL byte: not a
+        return Path(text)  # path we can resolve, so not an artifact (is_file/is_dir say False)
 
 
 def _read_config(folder: Path) -> dict:
