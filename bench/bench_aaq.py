@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.files import atomic_write_json
+from harness.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -120,10 +121,6 @@ def quantize(row: Row, args: argparse.Namespace) -> dict:
     return info
 
 
-class BadInput(Exception):
-    """A wrong option value: main prints its one line and exits 2."""
-
-
 def chosen_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
     """The rows ``--rows`` names (all when it is not given); ``fp`` may be named but is always
     audited anyway (the audit's reference).
@@ -135,7 +132,7 @@ def chosen_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
     known = {r.name for r in rows}
     unknown = [w for w in wanted if w != "fp" and w not in known]
     if unknown:
-        raise BadInput(f"bench_aaq: --rows: unknown row {unknown[0]!r}: choose fp or one of "
+        raise UserError(f"bench_aaq: --rows: unknown row {unknown[0]!r}: choose fp or one of "
                        f"{', '.join(sorted(known))} (the rows of --sections and --schemes)")
     return [r for r in rows if r.name in wanted]
 
@@ -285,7 +282,7 @@ def main() -> int:
 
     try:
         rows = chosen_rows(rows_for(args), args.rows)
-    except BadInput as e:
+    except UserError as e:
         print(e, file=sys.stderr)
         return 2
     costs = {r.name: quantize(r, args) for r in rows}
