@@ -13,6 +13,8 @@ Rows per scheme (``--sections``):
 
 * ``main``: RTN, GPTQ, QuaRot (+GPTQ weights), OST (alpha 0, +GPTQ) and AAQ (+GPTQ), OST and AAQ
   with the same steps, options and calibration data;
+* ``rtn-weights``: OST and AAQ with RTN weights after the learned transforms (``weights=rtn``), the
+  transforms' own effect without GPTQ's error correction, AAQ against OST as a second pair;
 * ``ablated``: AAQ with ``--base ablated`` (the subject with its refusal direction ablated as PT);
 * ``grid``: AAQ's alpha and K ablation at the first scheme (alpha 0 is OST; AAQ's defaults,
   alpha 0.75 and K 500, are the main row).
@@ -70,6 +72,10 @@ def rows_for(args: argparse.Namespace) -> list[Row]:
             rows += [Row(f"rtn-{s}", "rtn", s), Row(f"gptq-{s}", "gptq", s), Row(f"quarot-{s}", "quarot", s),
                      Row(f"ost-{s}", "ost", s, args.options),
                      Row(f"aaq-{s}", "aaq", s, args.options, args.base)]
+    if "rtn-weights" in args.sections:  # the transforms' own effect, without GPTQ's error correction
+        for s in args.schemes:
+            rows += [Row(f"ost-rtnw-{s}", "ost", s, joined("weights=rtn", args.options)),
+                     Row(f"aaq-rtnw-{s}", "aaq", s, joined("weights=rtn", args.options), args.base)]
     if "ablated" in args.sections:
         rows += [Row(f"aaq-ablated-{s}", "aaq", s, args.options, "ablated") for s in args.schemes]
     if "grid" in args.sections:
@@ -143,6 +149,7 @@ def audit(rows: list[Row], args: argparse.Namespace) -> dict:
     variants = ["fp"] + [f"{r.name}={args.out / 'variants' / r.name}" for r in rows]
     names = {r.name for r in rows}
     pairs = [f"aaq-{s}=ost-{s}" for s in args.schemes if {f"aaq-{s}", f"ost-{s}"} <= names]
+    pairs += [f"aaq-rtnw-{s}=ost-rtnw-{s}" for s in args.schemes if {f"aaq-rtnw-{s}", f"ost-rtnw-{s}"} <= names]
     pairs += [f"aaq-ablated-{s}=ost-{s}" for s in args.schemes if {f"aaq-ablated-{s}", f"ost-{s}"} <= names]
     cmd = [sys.executable, "-m", "harness.cli", "audit", "--model", args.model, "--variants", *variants,
            "--prompt-sets", *args.sets, "--out", str(out), "--seed", str(args.seed), "--no-probes",
@@ -225,7 +232,7 @@ def goal_lines(summary: dict, schemes: list[str]) -> list[str]:
     by_name = {v["name"]: v["metrics"] for v in summary["variants"]}
     fp = summary["variants"][0]["metrics"]
     out = []
-    for s in schemes:
+    for s in [f"{tag}{scheme}" for scheme in schemes for tag in ("", "rtnw-")]:
         aaq, ost = by_name.get(f"aaq-{s}"), by_name.get(f"ost-{s}")
         if aaq is None or ost is None or "harmful" not in fp["refusal"]:
             continue
@@ -246,7 +253,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smol-chat", help="aligned subject (FT); default smol-chat")
     p.add_argument("--base", default="auto", help="AAQ's unaligned reference (PT): a model or auto (default)")
-    p.add_argument("--sections", nargs="+", default=["main", "ablated", "grid"], choices=["main", "ablated", "grid"])
+    p.add_argument("--sections", nargs="+", default=["main", "ablated", "grid"], choices=["main", "rtn-weights", "ablated", "grid"])
     p.add_argument("--schemes", nargs="+", default=["w4a4kv4-aasym-aclip0.9", "w4a16g64"])
     p.add_argument("--options", default="steps=100,checkpoint=true",
                    help="options of ost and aaq alike (default steps=100,checkpoint=true)")
