@@ -69,7 +69,7 @@ def rows_for(args: argparse.Namespace) -> list[Row]:
     first = args.schemes[0]
     if "main" in args.sections:
         for s in args.schemes:
-            rows += [Row(f"rtn-{s}", "rtn", s), Row(f"gptq-{s}", "gptq", s), Row(f"quarot-{s}", "quarot", s),
+            rows += [Row(f"rtn-{s}", "rtn", s), Row(f"gptq-{s}", "gptq", s), Row(f"quarot-{s}", "quarot", s, "weights=gptq"),
                      Row(f"ost-{s}", "ost", s, args.options),
                      Row(f"aaq-{s}", "aaq", s, args.options, args.base)]
     if "rtn-weights" in args.sections:  # the transforms' own effect, without GPTQ's error correction

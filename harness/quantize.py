@@ -14,8 +14,8 @@ In the spirit of llm-compressor's single ``oneshot(model, recipe, dataset)`` ent
   folder loaded as saved, described the same way (options, metadata, calibration fingerprint,
   time) for variant.json and the run summary.
 
-What a method needs is read from its quantizer class flags (``requires_calibration``,
-``needs_base_model``, ``uses_calibration_prompts``) in one place, :meth:`Needs.of`.
+What a method needs is read from its quantizers (``needs_calibration_text()``, with the options,
+and the flags ``needs_base_model``, ``uses_calibration_prompts``) in one place, :meth:`Needs.of`.
 """
 
 from __future__ import annotations
@@ -78,14 +78,13 @@ class Needs:
     base: bool = False  #: the unaligned base model (``needs_base_model``)
 
     @classmethod
-    def of(cls, specs: Iterable[VariantSpec]) -> Needs:
-        """The needs of the variants to quantize; saved variants (already made) need nothing."""
-        from quantizers import get_quantizer
-
-        classes = [get_quantizer(s.method) for s in specs if not s.artifact]
-        return cls(text=any(c.requires_calibration for c in classes),
-                   prompts=any(c.uses_calibration_prompts for c in classes),
-                   base=any(c.needs_base_model for c in classes))
+    def of(cls, quantizers: Iterable[Quantizer]) -> Needs:
+        """The needs of the variants to quantize (their quantizers, options parsed: an option such
+        as QuaRot's ``weights=gptq`` can ask for calibration text); saved variants need nothing."""
+        quantizers = list(quantizers)
+        return cls(text=any(q.needs_calibration_text() for q in quantizers),
+                   prompts=any(q.uses_calibration_prompts for q in quantizers),
+                   base=any(q.needs_base_model for q in quantizers))
 
 
 @dataclass
@@ -135,13 +134,13 @@ class VariantMaker:
                  evaluation: list[tuple[str, str, str]]) -> None:
         self.specs, self.subject_source, self.settings, self.evaluation = specs, subject, settings, evaluation
         self.calib = settings.calibration
-        self.needs = Needs.of(specs)
         self.quantizers = {s.name: _build(s, settings.system_prompt) for s in specs if not s.artifact}
+        self.needs = Needs.of(self.quantizers.values())
         #: the base model's name (``auto`` resolved) whether or not a variant needs it; the audit records it
         self.base = base_name(settings.base, subject.spec)
         self.base_source = resolve_model(self.base) if self.base not in (None, ABLATED) else None
         if self.needs.base and self.base is None:
-            first = next(s for s in specs if not s.artifact and Needs.of([s]).base)
+            first = next(s for s in specs if not s.artifact and self._needs(s).base)
             raise UserError(f"variant {first.name} ({first.method}) needs the unaligned base model: pass --base MODEL "
                             "or --base ablated")
         ablated = self.needs.base and self.base == ABLATED
@@ -150,7 +149,7 @@ class VariantMaker:
         if self.needs.prompts:
             prompts = load_calibration_prompts(self.calib.prompts)
             for spec in specs:
-                if not spec.artifact and Needs.of([spec]).prompts:
+                if not spec.artifact and self._needs(spec).prompts:
                     self._check_overlap(prompts, spec.method, self.calib.prompts)
         #: variant.json of each saved variant, by folder
         self._saved = {s.artifact: self._check_saved(s) for s in specs if s.artifact and s.method not in ARTIFACT_METHODS}
@@ -158,10 +157,14 @@ class VariantMaker:
         self.probe_model: nn.Module | None = None
         #: variants still to quantize that need the base / the probe model: the last one gets the
         #: maker's own reference (:meth:`_frozen_models`), so the model is freed once it is read
-        self._uses_left = {"base": sum(Needs.of([s]).base for s in specs if not s.artifact),
-                           "prompts": sum(Needs.of([s]).prompts for s in specs if not s.artifact)}
+        self._uses_left = {"base": sum(self._needs(s).base for s in specs if not s.artifact),
+                           "prompts": sum(self._needs(s).prompts for s in specs if not s.artifact)}
         self._probe_handed_over = False
         self._scratch: Any = None  # tempfile.TemporaryDirectory for methods that save their own format
+
+    def _needs(self, spec: VariantSpec) -> Needs:
+        """What the one variant ``spec`` (not a saved folder) needs."""
+        return Needs.of([self.quantizers[spec.name]])
 
     @property
     def saved_infos(self) -> dict[str, dict]:
@@ -295,7 +298,7 @@ class VariantMaker:
         the subject in place) and describe it; see :meth:`make`."""
         from quantizers import QuantContext
 
-        quantizer, needs, seed = self.quantizers[spec.name], Needs.of([spec]), self.settings.seed
+        quantizer, needs, seed = self.quantizers[spec.name], self._needs(spec), self.settings.seed
         in_place = spec.method == "fp" or (consume_subject and not quantizer.uses_reference_model)
         calibration = None
         scratch = None

@@ -184,6 +184,12 @@ class Quantizer:
             )
         return typed_options(opt_cls, options, what=f"quantizer {cls.name!r}", error=QuantizerError)
 
+    def needs_calibration_text(self) -> bool:
+        """Whether this quantizer, with its options, calibrates on text windows: the harness loads
+        them only then. Default: the class flag ``requires_calibration``; a method whose options
+        can ask for data it otherwise does without (QuaRot's ``weights=gptq``) says so here."""
+        return self.requires_calibration
+
     def options_dict(self) -> dict[str, Any]:
         """The options as a plain dict (for variant.json)."""
         return dataclasses.asdict(self.options)

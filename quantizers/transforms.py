@@ -725,9 +725,10 @@ def install_online_hadamards(
 class WeightStepOptions:
     """The weight step every transform method ends with (``quantizers.gptq.quantize_weights``).
 
-    ``weights``: ``"gptq"`` (needs calibration data), ``"rtn"``, or ``"auto"`` (the default: GPTQ
-    when calibration batches are given, else RTN; the published QuaRot/OSTQuant/AAQ numbers use
-    GPTQ). ``mse_clip``: per-channel MSE search of the weight clip ratio (1.0 down to 0.2), as in
+    ``weights``: ``"gptq"`` (calibration data is then loaded for it), ``"rtn"``, or ``"auto"`` (the
+    default: GPTQ when calibration batches are given, else RTN: GPTQ for the methods that calibrate
+    anyway, OST and AAQ; RTN for QuaRot, which needs no data, unless ``weights=gptq``; the published
+    QuaRot/OSTQuant/AAQ numbers use GPTQ). ``mse_clip``: per-channel MSE search of the weight clip ratio (1.0 down to 0.2), as in
     W4A4.md's recipe (default True; the scheme's ``-wmse`` turns it on regardless).
     """
 
@@ -753,6 +754,10 @@ class TransformQuantizer(Quantizer):
         if scheme.quantizes_kv:
             enable_kv_quant(model, scheme)
         return parts
+
+    def needs_calibration_text(self) -> bool:
+        """``weights=gptq`` calibrates the weight step even where the transforms need no data (QuaRot)."""
+        return super().needs_calibration_text() or self.options.weights == "gptq"
 
     def weight_method(self, ctx: QuantContext) -> str:
         opts: WeightStepOptions = self.options

@@ -39,12 +39,29 @@ def _error_line(capsys) -> str:
     return lines[0]
 
 
-def test_needs_are_read_from_the_quantizer_flags():
-    specs = [parse_variant(v) for v in ("fp", "rtn:w4a4", "gptq:w4a16", "aaq:w4a4", "qrealign:w8a8")]
-    assert maker.Needs.of(specs[:2]) == maker.Needs()
-    assert maker.Needs.of(specs[2:3]) == maker.Needs(text=True)
-    assert maker.Needs.of(specs[3:4]) == maker.Needs(text=True, base=True)
-    assert maker.Needs.of(specs[4:]) == maker.Needs(prompts=True)
+def test_needs_are_read_from_the_quantizers_and_their_options():
+    specs = [parse_variant(v) for v in ("fp", "rtn:w4a4", "gptq:w4a16", "aaq:w4a4", "qrealign:w8a8",
+                                        "quarot:w4a16", "quarot:w4a16:weights=gptq")]
+    q = [maker._build(s, None) for s in specs]
+    assert maker.Needs.of(q[:2]) == maker.Needs()
+    assert maker.Needs.of(q[2:3]) == maker.Needs(text=True)
+    assert maker.Needs.of(q[3:4]) == maker.Needs(text=True, base=True)
+    assert maker.Needs.of(q[4:5]) == maker.Needs(prompts=True)
+    # QuaRot needs no data, unless its weight step is asked to be GPTQ
+    assert maker.Needs.of(q[5:6]) == maker.Needs()
+    assert maker.Needs.of(q[6:7]) == maker.Needs(text=True)
+
+
+def test_quarot_with_gptq_weights_is_calibrated_through_the_cli(tmp_path):
+    """`weights=gptq` used to fail ("needs calibration data") although --calib-text was given: the
+    maker loaded calibration only for methods whose class requires it."""
+    out = tmp_path / "quarot-gptq"
+    assert main(["quantize", "--model", "toy-chat", "--method", "quarot", "--scheme", "w4a16",
+                 "--option", "weights=gptq", "--calib-text", "toy-pretrain", "--calib-samples", "4",
+                 "--calib-len", "32", "--out", str(out)]) == 0
+    record = json.loads((out / "variant.json").read_text())
+    assert record["calibration"]["n_samples"] == 4
+    assert record["metadata"]["weights"]["method"] == "gptq"
 
 
 def test_base_auto_is_the_bundled_models_unaligned_base():
