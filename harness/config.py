@@ -203,13 +203,9 @@ class AuditConfig:
 
     def cache_path(self) -> Path | None:
         """The shared cache folder this config uses, or None when caching across runs is off."""
-        import os
+        from harness.store import resolve_cache_dir
 
-        chosen = self.cache_dir
-        if chosen == "auto":
-            chosen = os.environ.get("SAFEQUANT_CACHE_DIR") or str(
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safequant")
-        return None if chosen.strip().lower() in ("none", "off", "") else Path(chosen).expanduser()
+        return resolve_cache_dir(self.cache_dir)
 
     def settings(self) -> dict:
         """The config as its file keys: every field, the calibration options flattened to their
