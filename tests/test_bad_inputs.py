@@ -612,6 +612,8 @@ OTHER_COMMANDS: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("benchmarks unknown set", lambda d: ["benchmarks", "--check", "harmfull"], ""),
     ("benchmarks missing data dir", lambda d: ["benchmarks", "--check", "harmful", "--data-dir", str(d / "no")],
      "--data-dir"),
+    ("benchmarks limit for a set not checked", lambda d: ["benchmarks", "--check", "harmful", "--limit", "benign=3"],
+     "no prompt set 'benign'"),
     ("probe missing harmful file", lambda d: ["probe", "--harmful", str(d / "no.jsonl"), "--out", str(d / "p")], ""),
     ("probe bad variant name", lambda d: ["probe", "--variant", "../x=rtn:w8a8", "--out", str(d / "p")], "label"),
     ("probe bad variant scheme", lambda d: ["probe", "--variant", "rtn:w4a4x", "--out", str(d / "p")], "scheme"),
