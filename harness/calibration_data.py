@@ -15,8 +15,9 @@ Sources (``CalibrationSpec.source``):
   chat model and its unaligned base do differ (AAQ's contrast; WikiText-style prose gives almost
   none for a lightly fine-tuned pair), so it needs the model: ``load_calibration(spec, tokenizer,
   model)``. Answering takes minutes of CPU, so the text is kept in the shared cache folder
-  (``$SAFEQUANT_CACHE_DIR``, ... as the audit's ``--cache-dir``; ``none`` turns it off) under a
-  key of everything that decides it, and the next quantize of the same model reads it back.
+  (:func:`harness.store.resolve_cache_dir`, the rule of the audit's ``--cache-dir``;
+  ``SAFEQUANT_CACHE_DIR=none`` turns it off) under a key of everything that decides it, and the
+  next quantize of the same model reads it back.
 
 ``span`` keeps only a fraction of the characters (``(0.4, 1.0)`` = the last 60%), so that
 calibration and evaluation can share one file without sharing text. Windows of ``seq_len``
@@ -190,9 +191,10 @@ def _chat_cache_key(prompts: list[str], tokenizer, model, seed: int, min_tokens:
     requests themselves (what of the prompt file is used, in file order), the seed, how many
     tokens are asked for, the generation settings and stop tokens, the device type, and
     :data:`CHAT_TEXT_FORMAT` (bumped when the conversation format changes)."""
-    from harness.generation import GenerationSettings, stop_token_ids
+    from harness.generation import GenerationSettings, prepare_tokenizer, stop_token_ids
     from harness.models import fingerprint_model, tokenizer_fingerprint
 
+    prepare_tokenizer(tokenizer)  # as generation leaves it: a key made before or after one agrees
     return {"format": CHAT_TEXT_FORMAT, "model": fingerprint_model(model, tokenizer),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "prompts_sha256": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest(),

@@ -50,8 +50,8 @@ def resolve_cache_dir(setting: str | os.PathLike | None = "auto") -> Path | None
     """The cache folder shared by run directories and processes, or None when it is off.
 
     ``auto``: ``$SAFEQUANT_CACHE_DIR``, else ``$XDG_CACHE_HOME/safequant``, else
-    ``~/.cache/safequant``; ``none``/``off``/empty (also as the variable's value) or None: no cache;
-    anything else is the folder. The one rule for the audit's results cache (``--cache-dir``) and
+    ``~/.cache/safequant`` (an empty variable counts as unset); ``none``/``off`` (also as the
+    variable's value), an empty setting or None: no cache; anything else is the folder. The one rule for the audit's results cache (``--cache-dir``) and
     the chat-calibration text cache (harness/calibration_data.py).
     """
     if setting is None:

@@ -219,3 +219,17 @@ def test_audit_and_quantize_share_the_chat_text(tmp_path, monkeypatch):
                  "--out", str(tmp_path / "variant")]) == 0
     saved = json.loads((tmp_path / "variant" / "variant.json").read_text())["calibration"]
     assert saved["fingerprint"] == audited["fingerprint"] and len(list(entry.parent.iterdir())) == 1
+
+
+def test_chat_cache_hits_for_a_tokenizer_without_a_pad_token(toy_chat, tmp_path, monkeypatch):
+    """Generation gives a pad-less tokenizer a pad token, which its fingerprint sees: the key is made
+    on the tokenizer as generation leaves it, so the second load of a process still hits."""
+    import copy
+
+    tokenizer = copy.deepcopy(toy_chat.tokenizer)
+    tokenizer.pad_token = None
+    spec = CalibrationSpec(_requests(tmp_path), n_samples=2, seq_len=32, seed=0)
+    counted = _Counted(monkeypatch)
+    first = load_calibration(spec, tokenizer, toy_chat.model, cache_dir=tmp_path / "cache")
+    again = load_calibration(spec, tokenizer, toy_chat.model, cache_dir=tmp_path / "cache")
+    assert counted.calls == 1 and again.fingerprint == first.fingerprint
