@@ -160,7 +160,7 @@ def audit(rows: list[Row], args: argparse.Namespace) -> dict:
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     if args.limit:
-        cmd += ["--limit", str(args.limit)]
+        cmd += ["--limit", *args.limit]
     print(f"auditing fp and {len(rows)} variants into {out}", flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
     return json.loads((out / "summary.json").read_text())
@@ -249,6 +249,14 @@ def goal_lines(summary: dict, schemes: list[str]) -> list[str]:
     return out
 
 
+def check_sets(args: argparse.Namespace) -> None:
+    """Load the audit's sets with its --limit once, before any row is quantized (minutes each), so a
+    SET=N naming a set the audit will not have fails at once, as the audit itself would at the end."""
+    from harness.benchmarks import load_benchmarks
+
+    load_benchmarks(args.sets, data_dir=args.data_dir, limit=args.limit)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smol-chat", help="aligned subject (FT); default smol-chat")
@@ -268,7 +276,9 @@ def main() -> int:
     p.add_argument("--sets", nargs="+", default=["harmful", "benign", "overrefusal", "advbench"])
     p.add_argument("--judges", nargs="+", default=["refusal-minilm", "refusal-phrases"],
                    help="audit judges, the first primary (default refusal-minilm refusal-phrases)")
-    p.add_argument("--limit", type=int, help="prompts per set (default all)")
+    p.add_argument("--limit", nargs="+", metavar="[SET=]N",
+                   help="prompts per set: N for every set and/or SET=N for one, as `safequant audit --limit` "
+                        "(e.g. --limit advbench=104; default all)")
     p.add_argument("--data-dir", default=str(DATA) if DATA.is_dir() else None,
                    help="upstream benchmark files (default ../shared/data when present)")
     p.add_argument("--perplexity-text", default=str(DATA / "wikitext2_test.raw"),
@@ -289,6 +299,7 @@ def main() -> int:
 
     try:
         rows = chosen_rows(rows_for(args), args.rows)
+        check_sets(args)
     except UserError as e:
         print(e, file=sys.stderr)
         return 2

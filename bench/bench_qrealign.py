@@ -293,6 +293,7 @@ def run_smol(args) -> None:
     from harness.audit import Audit
     from harness.calibration_data import CalibrationOptions
     from harness.config import AuditConfig
+    from harness.set_limits import SetLimits
 
     torch.set_num_threads(args.threads)
     out = Path(args.out) / args.model
@@ -305,7 +306,7 @@ def run_smol(args) -> None:
     # is scored on its first tokens (--ppl-tokens, well inside the first 40%).
     calibration = CalibrationOptions(text=str(WIKITEXT), span="0.4:1", prompts=args.calib_prompts)
     config = AuditConfig(model=args.model, base=None, out=str(out), device="cpu", variants=["fp", *variants],
-                         prompt_sets=list(args.sets), limit=args.limit, calibration=calibration,
+                         prompt_sets=list(args.sets), limit=SetLimits.parse(args.limit).setting(), calibration=calibration,
                          first_token=False, probes=False, report=True, perplexity_text=str(WIKITEXT), ppl_window=512, ppl_stride=512,
                          ppl_max_tokens=args.ppl_tokens, data_dir=str(STRONGREJECT.parent), seed=args.seed,
                          probe_model=args.probe_model)
@@ -347,7 +348,8 @@ def smol_table(args, result: dict) -> str:
     Q-realign diagnostics."""
     sets, ref = list(args.sets), result["refusal"].get("fp", {})
     head = " | ".join(sets)
-    lines = [f"{args.model}, probes from {args.probe_model}; --limit {args.limit}; refusal-minilm (refusal-phrases)",
+    limit = " ".join(args.limit) if args.limit else "none"
+    lines = [f"{args.model}, probes from {args.probe_model}; --limit {limit}; refusal-minilm (refusal-phrases)",
              f"| variant | {head} | WikiText-2 ppl | harmful compliance cut | benign agreement with FP | calibration |",
              "|---|" + "---|" * (len(sets) + 4)]
     fp_ppl = result["variants"].get("fp", {}).get("perplexity")
@@ -394,7 +396,8 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-model", default=None, help="aligned model the probes are fitted on (toy: toy-chat; "
                     "smol: auto, i.e. smol-chat)")
     ap.add_argument("--sets", nargs="+", default=list(SMOL_SETS), help="smol part: prompt sets")
-    ap.add_argument("--limit", type=int, default=None, help="smol part: first N prompts of each set")
+    ap.add_argument("--limit", nargs="+", default=None, metavar="[SET=]N",
+                    help="smol part: first N prompts of each set and/or SET=N for one, as `safequant audit --limit`")
     ap.add_argument("--from-runs", nargs="+", metavar="RUN_DIR",
                     help="smol part: print the table of finished (or partly finished) bench runs instead of running")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
@@ -422,7 +425,13 @@ def main(argv=None) -> int:
     if smol and args.from_runs:
         print(smol_table(args, smol_result([Path(d) for d in args.from_runs])))
     elif smol:
-        run_smol(args)
+        from harness.errors import UserError
+
+        try:
+            run_smol(args)
+        except UserError as exc:  # bad input (a --limit SET=N the sets lack, ...): one line, as the CLI does
+            print(f"bench_qrealign: error: {exc}", file=sys.stderr)
+            return 2
     elif args.part == "smollm2":
         run_smollm2(args)
     else:

@@ -97,7 +97,8 @@ class Audit:
             variant_maker.VariantSettings(
                 base=config.base, calibration=config.calibration, probe_model=config.probe_model,
                 ablate_layer=config.ablate_layer, seed=config.seed, system_prompt=config.system_prompt,
-                device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code),
+                device=config.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                cache_dir=config.cache_path()),
             evaluation=[(ps.name, r.id, r.prompt) for ps in self.prompt_sets for r in ps.records])
         self.config = config = dataclasses.replace(config, base=self.maker.base)  # "auto" as the model it names
         self.base_source = self.maker.base_source  # the base model the summary names (None: none or ablated)

@@ -44,6 +44,7 @@ from typing import Any
 from harness.errors import UserError
 from harness.prompt_files import SUPPORTED_EXTENSIONS, RowRules, build_records, read_rows
 from harness.prompts import BUILTIN_SETS, ROLES, PromptRecord, PromptSet, load_prompt_set, split_role
+from harness.set_limits import SetLimits
 
 __all__ = [
     "BENCHMARKS",
@@ -707,7 +708,7 @@ def load_benchmarks(
     specs: Sequence[str],
     *,
     data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    limit: int | None = None,
+    limit: SetLimits | int | Mapping[str, int] | Sequence[str] | None = None,
     columns: Mapping[str, Mapping[str, str]] | None = None,
     verify: bool = True,
 ) -> list[PromptSet]:
@@ -715,7 +716,11 @@ def load_benchmarks(
     :func:`parse_set_spec`) into prompt sets.
 
     Returns the sets in order, groups expanded; set names are unique or a UserError says so.
+    ``limit`` (any spelling :meth:`SetLimits.parse` reads: ``N``, ``{SET: N, "*": N}``) keeps the
+    first N records of each set, applied once every set is loaded and named, so a ``SET=N``
+    entry is checked against the names the run actually has.
     """
+    limits = SetLimits.parse(limit)  # bad syntax fails before anything is read
     _data_dirs(data_dir)  # a missing --data-dir fails before anything is looked up
     out: list[PromptSet] = []
     columns = columns or {}
@@ -723,26 +728,26 @@ def load_benchmarks(
         req = parse_set_spec(raw, columns)
         if req.kind == "definition":
             for spec in read_definitions(Path(req.source).expanduser()):
-                out.append(load_benchmark(spec.name, data_dir=data_dir, limit=limit, verify=verify))
+                out.append(load_benchmark(spec.name, data_dir=data_dir, verify=verify))
         elif req.kind == "benchmark":
             # rows from an explicit source, else from the data folders or the Hub
             for member in expand(req.name):
                 out.append(load_benchmark(member, req.source, data_dir=None if req.source else data_dir,
-                                          limit=limit, verify=verify))
+                                          verify=verify))
         elif req.kind == "mapped":
             mapping = columns[req.name]
             spec = define_benchmark(req.name, req.source, role=mapping.get("role", "harmful"),
                                     columns={k: v for k, v in mapping.items() if k != "role"}, overwrite=True)
-            out.append(load_benchmark(spec.name, limit=limit, verify=verify))
+            out.append(load_benchmark(spec.name, verify=verify))
         else:
-            ps = load_prompt_set(req.source, limit=limit, role=req.role)
+            ps = load_prompt_set(req.source, role=req.role)
             out.append(ps if req.name is None else BenchmarkSet(req.name, ps.role, ps.source, ps.records,
                                                                  benchmark=req.name))
     names = [ps.name for ps in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"prompt sets {dupes} are given twice; give each file a distinct NAME=PATH")
-    return out
+    return limits.apply(out)
 
 
 def describe_sets(sets: Sequence[PromptSet]) -> dict[str, dict]:

@@ -14,7 +14,10 @@ Sources (``CalibrationSpec.source``):
   tokens), in seeded order, until the text holds twice the tokens of the windows. No harmful request and no evaluation prompt is used. This is text on which an aligned
   chat model and its unaligned base do differ (AAQ's contrast; WikiText-style prose gives almost
   none for a lightly fine-tuned pair), so it needs the model: ``load_calibration(spec, tokenizer,
-  model)``.
+  model)``. Answering takes minutes of CPU, so the text is kept in the shared cache folder
+  (:func:`harness.store.resolve_cache_dir`, the rule of the audit's ``--cache-dir``;
+  ``SAFEQUANT_CACHE_DIR=none`` turns it off) under a key of everything that decides it, and the
+  next quantize of the same model reads it back.
 
 ``span`` keeps only a fraction of the characters (``(0.4, 1.0)`` = the last 60%), so that
 calibration and evaluation can share one file without sharing text. Windows of ``seq_len``
@@ -26,16 +29,22 @@ exactly what it was calibrated on.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from common.files import atomic_write_json
 from harness.errors import UserError
 
 if TYPE_CHECKING:  # torch only where tokens are drawn: option parsing stays light
     import torch
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CalibrationSpec",
@@ -54,6 +63,10 @@ BUILTIN_CALIBRATION = ("toy-pretrain", "chat:calibration")
 CHAT_PREFIX = "chat:"
 #: New tokens per self-generated answer of a ``chat:`` calibration source.
 CHAT_RESPONSE_TOKENS = 64
+#: Requests a ``chat:`` source answers per generation call (and between checks of its token count).
+CHAT_CHUNK = 32
+#: Version of the conversation text a ``chat:`` source makes: part of its cache key.
+CHAT_TEXT_FORMAT = 1
 #: Built-in labelled calibration prompts (``scripts/build_calibration_prompts.py``): harmful and
 #: benign requests disjoint from every evaluation set, for prompt-based methods.
 CALIBRATION_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts" / "calibration.jsonl"
@@ -139,11 +152,12 @@ def _dataset_text(source: str) -> str:
     return "\n".join(t for t in ds["text"] if t)
 
 
-def _chat_text(source: str, tokenizer, model, seed: int, min_tokens: int | None = None) -> str:
+def _chat_text(source: str, tokenizer, model, seed: int, min_tokens: int | None = None,
+               cache_dir: str | os.PathLike | None = "auto") -> str:
     """Benign requests in the chat template, each followed by the model's own greedy answer; with
-    ``min_tokens``, only as many requests (in seeded order, 32 at a time) as give that many tokens."""
-    from harness.generation import generate_responses
-
+    ``min_tokens``, only as many requests (in seeded order, :data:`CHAT_CHUNK` at a time) as give
+    that many tokens. The text is kept in the shared cache (:func:`_chat_cache_key`): generating
+    it takes minutes of CPU, and every quantize run of the same model would make the same text."""
     if model is None or tokenizer is None:
         raise UserError(f"calibration source {source!r} answers its prompts with the model; "
                         "it is available where a model is being quantized (quantize, audit)")
@@ -152,12 +166,74 @@ def _chat_text(source: str, tokenizer, model, seed: int, min_tokens: int | None 
     if not prompts:
         raise UserError(f"calibration source {source!r} has no benign prompts (label 'benign'); "
                         "give a prompt file with benign requests")
+    from harness.store import resolve_cache_dir, stable_hash
+
+    folder = resolve_cache_dir(cache_dir)
+    if folder is None:
+        return _answer_prompts(prompts, tokenizer, model, seed, min_tokens)
+    key = _chat_cache_key(prompts, tokenizer, model, seed, min_tokens)
+    path = folder / "calibration-text" / f"chat-{stable_hash(key)}.json"
+    cached = _read_chat_cache(path, key)
+    if cached is not None:
+        log.info("calibration source %s: the model's answers reused from %s", source, path)
+        return cached
+    text = _answer_prompts(prompts, tokenizer, model, seed, min_tokens)
+    try:
+        atomic_write_json(path, {"key": key, "text": text})
+    except OSError as exc:  # a read-only or full cache costs the next run the time, not this one
+        log.warning("calibration source %s: could not cache the answers in %s (%s)", source, path, exc)
+    return text
+
+
+def _chat_cache_key(prompts: list[str], tokenizer, model, seed: int, min_tokens: int | None) -> dict[str, Any]:
+    """Everything that decides a ``chat:`` source's text: the model (weights sample, dtype, vocabulary
+    and chat template: :func:`harness.models.fingerprint_model`) and its tokenizer, the benign
+    requests themselves (what of the prompt file is used, in file order), the seed, how many
+    tokens are asked for, the generation settings and stop tokens, the device type, and
+    :data:`CHAT_TEXT_FORMAT` (bumped when the conversation format changes)."""
+    from harness.generation import GenerationSettings, prepare_tokenizer, stop_token_ids
+    from harness.models import fingerprint_model, tokenizer_fingerprint
+
+    prepare_tokenizer(tokenizer)  # as generation leaves it: a key made before or after one agrees
+    return {"format": CHAT_TEXT_FORMAT, "model": fingerprint_model(model, tokenizer),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "prompts_sha256": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest(),
+            "seed": seed, "response_tokens": CHAT_RESPONSE_TOKENS, "min_tokens": min_tokens, "chunk": CHAT_CHUNK,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "generation": {**GenerationSettings(CHAT_RESPONSE_TOKENS, CHAT_CHUNK).key(),
+                           "stop_token_ids": stop_token_ids(model.generation_config, tokenizer)},
+            "device": next(model.parameters()).device.type}
+
+
+def _read_chat_cache(path: Path, key: dict[str, Any]) -> str | None:
+    """The cached text at ``path`` when it was made for ``key``; None when absent; a file that is
+    unreadable, not ours or made for another key is ignored with a warning (the text is made again)."""
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("%s: unreadable cached calibration text (%s); generating it again", path, exc)
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("text"), str) or entry.get("key") != key:
+        log.warning("%s: cached calibration text is not for this model and settings; generating it again", path)
+        return None
+    return entry["text"]
+
+
+def _answer_prompts(prompts: list[str], tokenizer, model, seed: int, min_tokens: int | None) -> str:
+    """The conversations themselves: the requests in seeded order, answered :data:`CHAT_CHUNK` at a
+    time until the text holds ``min_tokens`` tokens (all of them when None)."""
+    from harness.generation import generate_responses
+
+    prompts = list(prompts)
     random.Random(seed).shuffle(prompts)
     conversations: list[str] = []
     tokens = 0
-    for start in range(0, len(prompts), 32):
-        chunk = prompts[start: start + 32]
-        answers = generate_responses(model, tokenizer, chunk, max_new_tokens=CHAT_RESPONSE_TOKENS)
+    for start in range(0, len(prompts), CHAT_CHUNK):
+        chunk = prompts[start: start + CHAT_CHUNK]
+        answers = generate_responses(model, tokenizer, chunk, max_new_tokens=CHAT_RESPONSE_TOKENS,
+                                     batch_size=CHAT_CHUNK)
         for prompt, answer in zip(chunk, answers):
             if getattr(tokenizer, "chat_template", None):
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
@@ -170,13 +246,16 @@ def _chat_text(source: str, tokenizer, model, seed: int, min_tokens: int | None 
     return "\n".join(conversations)
 
 
-def calibration_text(source: str, tokenizer=None, model=None, seed: int = 0, min_tokens: int | None = None) -> str:
+def calibration_text(source: str, tokenizer=None, model=None, seed: int = 0, min_tokens: int | None = None,
+                     cache_dir: str | os.PathLike | None = "auto") -> str:
     """The raw text of a calibration source (see the module docstring); ``chat:`` sources need
-    the tokenizer and the model that answers the prompts, and stop once they hold ``min_tokens``."""
+    the tokenizer and the model that answers the prompts, stop once they hold ``min_tokens``, and
+    are kept in ``cache_dir`` (:func:`harness.store.resolve_cache_dir`: ``auto``, a folder, or
+    ``none``/None for no cache)."""
     if source == "toy-pretrain":
         return _toy_pretrain_text()
     if source.startswith(CHAT_PREFIX):
-        return _chat_text(source, tokenizer, model, seed, min_tokens)
+        return _chat_text(source, tokenizer, model, seed, min_tokens, cache_dir)
     if source.startswith("dataset:"):
         return _dataset_text(source)
     path = Path(source).expanduser()
@@ -189,11 +268,14 @@ def calibration_text(source: str, tokenizer=None, model=None, seed: int = 0, min
         raise UserError(f"calibration text {source!r} is not UTF-8 text: convert it to UTF-8") from None
 
 
-def load_calibration(spec: CalibrationSpec, tokenizer, model=None) -> CalibrationData:
+def load_calibration(spec: CalibrationSpec, tokenizer, model=None,
+                     cache_dir: str | os.PathLike | None = "auto") -> CalibrationData:
     """Draw ``spec.n_samples`` token windows from the source text (see :class:`CalibrationSpec`);
-    ``model`` answers the prompts of a ``chat:`` source."""
+    ``model`` answers the prompts of a ``chat:`` source, whose text is kept in ``cache_dir``
+    (see :func:`calibration_text`)."""
     # A chat source answers only as many requests as give twice the tokens the windows need.
-    text = calibration_text(spec.source, tokenizer, model, spec.seed, min_tokens=2 * spec.n_samples * spec.seq_len)
+    text = calibration_text(spec.source, tokenizer, model, spec.seed, min_tokens=2 * spec.n_samples * spec.seq_len,
+                            cache_dir=cache_dir)
     source_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     lo, hi = spec.span
     text = text[int(lo * len(text)): int(hi * len(text))]

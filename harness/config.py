@@ -15,12 +15,13 @@ import tomllib
 import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
-from pydantic import ConfigDict, ValidationError, create_model
+from pydantic import AfterValidator, ConfigDict, ValidationError, create_model
 
 from harness.calibration_data import CalibrationOptions
 from harness.errors import UserError
+from harness.set_limits import SetLimits, check_file_value
 from reports.validation import describe_validation_error
 
 if TYPE_CHECKING:  # the quantizers package imports torch: only when a variant is parsed
@@ -162,7 +163,8 @@ class AuditConfig:
     base: str | None = "auto"  # auto: the bundled model's unaligned base (harness.models.UNALIGNED_BASES), else none
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     prompt_sets: list[str] = field(default_factory=lambda: list(DEFAULT_SETS))
-    limit: int | None = None
+    #: prompts kept per set: N for every set, or a table {SET = N, "*" = N} (harness/set_limits.py)
+    limit: int | dict[str, int] | None = None
     perplexity_text: str = "auto"
     ppl_window: int = 256
     ppl_stride: int = 256
@@ -201,13 +203,9 @@ class AuditConfig:
 
     def cache_path(self) -> Path | None:
         """The shared cache folder this config uses, or None when caching across runs is off."""
-        import os
+        from harness.store import resolve_cache_dir
 
-        chosen = self.cache_dir
-        if chosen == "auto":
-            chosen = os.environ.get("SAFEQUANT_CACHE_DIR") or str(
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safequant")
-        return None if chosen.strip().lower() in ("none", "off", "") else Path(chosen).expanduser()
+        return resolve_cache_dir(self.cache_dir)
 
     def settings(self) -> dict:
         """The config as its file keys: every field, the calibration options flattened to their
@@ -287,8 +285,7 @@ class AuditConfig:
                             ("ppl_window", self.ppl_window), ("ppl_stride", self.ppl_stride)):
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
-            raise UserError(f"limit must be a positive integer, got {self.limit!r}")
+        SetLimits.parse(self.limit)  # the syntax now; the set names once the sets are loaded
         if not self.judges:
             raise UserError("no judges given: pass e.g. --judges refusal-phrases")
         if not isinstance(self.bootstrap, int) or self.bootstrap < 100:
@@ -309,6 +306,7 @@ class AuditConfig:
 def _file_key_types() -> dict:
     """Each file key's type: the dataclass's own fields, the calibration options under their keys."""
     own = {k: v for k, v in get_type_hints(AuditConfig).items() if k != "calibration"}
+    own["limit"] = Annotated[Any, AfterValidator(check_file_value)]  # int | table: one message, not a union's two
     calib = get_type_hints(CalibrationOptions)
     return {**own, **{key: calib[name] for key, name in CalibrationOptions.KEYS.items()}}
 

@@ -102,7 +102,10 @@ def _batches(items: Sequence, size: int) -> Iterator[tuple[int, Sequence]]:
         yield start, items[start : start + size]
 
 
-def _prepare_tokenizer(tokenizer) -> None:
+def prepare_tokenizer(tokenizer) -> None:
+    """Set the tokenizer up for batched generation (left padding, a pad token): done by every
+    generation, and by whoever keys a cache on the tokenizer before the first one (the pad token is
+    part of its fingerprint)."""
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -126,7 +129,7 @@ def generate_responses(
     says the response was cut by `max_new_tokens` rather than ended by the model, which judges use
     to tell a truncated answer from a finished one.
     """
-    _prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer)
     device = next(model.parameters()).device
     eos_ids = stop_token_ids(model.generation_config, tokenizer)
     responses: list[str] = []

@@ -67,6 +67,9 @@ class VariantSettings:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    #: where a ``chat:`` calibration source keeps the model's answers (harness.store.resolve_cache_dir:
+    #: ``auto``, a folder, ``none``/None); the audit passes its ``--cache-dir``
+    cache_dir: str | os.PathLike | None = "auto"
 
 
 @dataclass(frozen=True)
@@ -312,7 +315,8 @@ class VariantMaker:
                            if needs.prompts else None)
         del base_model, probe_model  # the context holds them: a quantizer's ctx.release can free them
         if needs.text:
-            calibration = load_calibration(self.calib.spec(subject.source.kind, seed), subject.tokenizer, subject.model)
+            calibration = load_calibration(self.calib.spec(subject.source.kind, seed), subject.tokenizer, subject.model,
+                                           cache_dir=self.settings.cache_dir)
             ctx.calibration_batches = calibration.batches
         prompt_meta = None
         if needs.prompts:

@@ -42,6 +42,27 @@ WORK_MARKER = ".safequant-work"
 LOCK_FILE = ".safequant.lock"
 
 
+#: Environment variable naming the shared cache folder (``none`` turns caching across runs off).
+CACHE_DIR_ENV = "SAFEQUANT_CACHE_DIR"
+
+
+def resolve_cache_dir(setting: str | os.PathLike | None = "auto") -> Path | None:
+    """The cache folder shared by run directories and processes, or None when it is off.
+
+    ``auto``: ``$SAFEQUANT_CACHE_DIR``, else ``$XDG_CACHE_HOME/safequant``, else
+    ``~/.cache/safequant`` (an empty variable counts as unset); ``none``/``off`` (also as the
+    variable's value), an empty setting or None: no cache; anything else is the folder. The one rule for the audit's results cache (``--cache-dir``) and
+    the chat-calibration text cache (harness/calibration_data.py).
+    """
+    if setting is None:
+        return None
+    chosen = os.fspath(setting)
+    if chosen == "auto":
+        chosen = os.environ.get(CACHE_DIR_ENV) or str(
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safequant")
+    return None if chosen.strip().lower() in ("none", "off", "") else Path(chosen).expanduser()
+
+
 def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

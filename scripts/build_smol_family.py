@@ -151,12 +151,12 @@ def sample_plain_text(loaded, openings: list[str], samples: int, max_new_tokens:
     """
     from tqdm.auto import tqdm
 
-    from harness.generation import _prepare_tokenizer
+    from harness.generation import prepare_tokenizer
 
     tokenizer = loaded.tokenizer
 
     def compute(missing: list[tuple[str, int]]) -> list[dict]:
-        _prepare_tokenizer(tokenizer)
+        prepare_tokenizer(tokenizer)
         entries, batch = [], 32
         for start in tqdm(range(0, len(missing), batch), desc="plain text", unit="batch"):
             chunk = missing[start:start + batch]

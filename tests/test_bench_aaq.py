@@ -86,3 +86,14 @@ def test_bench_aaq_split_rows_reuse_the_shared_cache(tmp_path):
     summary = json.loads((out / "audit" / "summary.json").read_text())
     started = {v["name"]: v["backend"].get("started", True) for v in summary["variants"]}
     assert started == {"fp": False, "rtn-w4a4kv4": False, "gptq-w4a4kv4": True}  # fp, rtn: every row from the cache
+
+
+def test_bench_aaq_limit_for_a_set_not_audited_is_one_line_exit_2(tmp_path):
+    """--limit is the audit's grammar, checked against --sets before any row is quantized."""
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "bench/bench_aaq.py", "--sections", "main", "--schemes", "w4a16g64",
+                           "--sets", "harmful", "benign", "--limit", "advbench=104", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "'advbench'" in done.stderr and "harmful, benign" in done.stderr
+    assert not out.exists()

@@ -22,7 +22,9 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
                         f"(default: {' '.join(d.variants)}); fp is always evaluated first")
     p.add_argument("--prompt-sets", nargs="+", metavar="SET",
                    help="built-in set names or [NAME=]PATH files (default: " + " ".join(d.prompt_sets) + ")")
-    p.add_argument("--limit", type=int, help="use only the first N prompts of each set (quick looks)")
+    p.add_argument("--limit", nargs="+", metavar="[SET=]N",
+                   help="use only the first N prompts of each set, or of SET only (SET as the run names it, e.g. "
+                        "--limit advbench=104, or --limit 50 advbench=104); default all")
     p.add_argument("--perplexity-text", metavar="TEXT",
                    help="text for perplexity: 'toy-heldout' or a UTF-8 file (default: toy-heldout for bundled models)")
     p.add_argument("--ppl-window", type=int, help=f"perplexity window in tokens (default {d.ppl_window})")
@@ -74,6 +76,7 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
 def _audit_config(args: argparse.Namespace):
     from harness.calibration_data import CalibrationOptions
     from harness.config import AuditConfig
+    from harness.set_limits import SetLimits
 
     config = AuditConfig.from_toml(args.config) if args.config else AuditConfig()
     overrides = {k: getattr(args, k) for k in (
@@ -82,6 +85,8 @@ def _audit_config(args: argparse.Namespace):
         "first_token", "bootstrap", "probes", "probe_layers", "system_prompt", "trust_remote_code", "report",
         *CalibrationOptions.KEYS, "ablate_layer", "probe_model", "pairs", "cache_dir", "backend",
         "tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")}
+    if args.limit is not None:  # the items as the config records them (int or table), as a file gives them
+        overrides["limit"] = SetLimits.parse(args.limit).setting()
     config = config.with_overrides(overrides)
     if isinstance(config.base, str) and config.base.lower() == "none":
         config.base = None

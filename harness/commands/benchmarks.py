@@ -35,5 +35,6 @@ def register(sub) -> None:
     p = sub.add_parser("benchmarks", help="list benchmarks; --check loads them and verifies their files")
     p.add_argument("--check", nargs="+", metavar="SPEC", help="benchmarks to load: NAME, NAME=PATH, group names")
     p.add_argument("--data-dir", metavar="DIR", help="folder holding upstream benchmark files (also $SAFEQUANT_DATA_DIR)")
-    p.add_argument("--limit", type=int, help="keep the first N prompts of each set")
+    p.add_argument("--limit", nargs="+", metavar="[SET=]N",
+                   help="keep the first N prompts of each set, or of SET only (the grammar of `safequant audit --limit`)")
     p.set_defaults(func=cmd_benchmarks)
