@@ -1,0 +1,253 @@
+"""Why QuaRot's weight-only 4-bit is worse than plain RTN on smol-chat: QuaRot's steps one at a time.
+
+QuaRot (``quantizers.quarot``) is RMSNorm folding, then the residual rotation ``R1``, the per-head
+value/output rotation ``R2`` and an online Hadamard on every down_proj input, then the weight step.
+This script builds each prefix of that pipeline with the same pieces and the same seed (the
+``fold+r1+r2+down`` transform is QuaRot's, bit for bit; ``--check-quarot`` compares it with the
+quantizer itself) and prints, for each, WikiText-2 perplexity in full precision (must equal FP:
+every step is an exact equivalence) and with RTN weights (MSE clip off and on).
+
+``--layer-errors`` adds, per Linear, the relative output error ``||X (W - Q(W))^T|| / ||X W^T||``
+on calibration inputs ``X`` of the full-precision (transformed) model, from ``H = X^T X``, for the
+untransformed model and the chosen transforms: which layers the transform makes worse.
+
+``--only TYPES`` quantizes only those projection types (e.g. ``down_proj``), to attribute the
+end-to-end loss. ``--dirs`` scores saved variant folders instead.
+
+    OMP_NUM_THREADS=1 python bench/bench_quarot_ablation.py --transforms none fold fold+r1 fold+r1+r2 fold+r1+r2+down
+    OMP_NUM_THREADS=1 python bench/bench_quarot_ablation.py --transforms none fold+r1+r2+down --layer-errors --weights
+    OMP_NUM_THREADS=1 python bench/bench_quarot_ablation.py --dirs runs/quarotw/gptq-w4a16 runs/quarotw/quarot-gptq-w4a16
+
+Data: evaluation = the first ``--eval-tokens`` tokens of ``../shared/data/wikitext2_test.raw`` in
+non-overlapping 512-token windows; calibration inputs for ``--layer-errors`` = seeded windows from
+the last half of the same file's characters (``--calib-span 0.5:1``), which the evaluation never
+reaches. Nothing here is tuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.files import atomic_write_json  # noqa: E402
+from harness.calibration_data import CalibrationSpec, load_calibration  # noqa: E402
+from harness.errors import UserError  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from harness.perplexity import PerplexitySettings, load_text, perplexity  # noqa: E402
+from quantizers.fake_quant import fake_quant_weight, mse_clip_search  # noqa: E402
+from quantizers.gptq import quantize_weights  # noqa: E402
+from quantizers.modules import QuantLinear, iter_quant_linears, quantize_linear_layers  # noqa: E402
+from quantizers.quarot import QuaRotQuantizer, hadamard_rotations  # noqa: E402
+from quantizers.rtn import RTNOptions  # noqa: E402
+from quantizers.scheme import QuantScheme  # noqa: E402
+from quantizers.base import QuantContext  # noqa: E402
+from quantizers.transforms import (  # noqa: E402
+    ChainBuilder,
+    fold_rmsnorms,
+    fuse_chains,
+    install_online_hadamards,
+    model_parts,
+    rotation_chains,
+)
+
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.raw"
+STEPS = ("fold", "r1", "r2", "down")
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_transform(name: str) -> set[str]:
+    """``none`` or ``+``-joined steps of :data:`STEPS` (``r1`` needs ``fold``)."""
+    steps = set() if name == "none" else set(name.split("+"))
+    unknown = steps - set(STEPS)
+    if unknown:
+        raise UserError(f"transform {name!r}: unknown step(s) {sorted(unknown)}; use none or +-joined {STEPS}")
+    return steps
+
+
+def transform(model: torch.nn.Module, steps: set[str], seed: int = 0) -> dict:
+    """Apply QuaRot's steps ``steps`` in place (same generator order as the quantizer: R1, R2, online);
+    returns the online transforms for the weight step."""
+    parts = model_parts(model)
+    generator = torch.Generator().manual_seed(seed)
+    if "fold" in steps:
+        fold_rmsnorms(parts)
+    builder = ChainBuilder()
+    r1, r2 = hadamard_rotations(parts, generator)
+    rotation_chains(parts, builder, r1=r1 if "r1" in steps else None, r2=r2 if "r2" in steps else None)
+    down = list(range(len(parts.layers))) if "down" in steps else []
+    online = install_online_hadamards(parts, builder, down_layers=down, generator=generator)
+    fuse_chains(builder.chains())
+    return online
+
+
+def weigh(model: torch.nn.Module, online: dict, weights: str, scheme: QuantScheme) -> None:
+    """``fp``: wrap with the online transforms only; ``rtn`` / ``rtn-mse``: QuaRot's weight step."""
+    if weights == "fp":
+        quantize_linear_layers(model, QuantScheme(), lambda n, lin, s: lin.weight.detach().clone(),
+                               input_transforms=online, wrap_all=True)
+        return
+    step = scheme.replace(w_clip_search=weights == "rtn-mse")
+    quantize_weights(model, step, method="rtn", options=RTNOptions(), input_transforms=online)
+
+
+def only_scheme(scheme: str, only: list[str] | None) -> QuantScheme:
+    """``scheme`` with every projection type outside ``only`` (and lm_head) skipped."""
+    base = QuantScheme.parse(scheme)
+    if not only:
+        return base
+    bad = set(only) - set(PROJ)
+    if bad:
+        raise UserError(f"--only: unknown projection(s) {sorted(bad)}; choose from {PROJ}")
+    return base.replace(skip=("lm_head", *[p for p in PROJ if p not in only]))
+
+
+@torch.no_grad()
+def input_hessians(model: torch.nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    """``X^T X`` (float64) of every wrapped Linear's input as its matmul sees it (after the online
+    transform), summed over the calibration batches."""
+    hessians: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in iter_quant_linears(model):
+        def hook(mod, args, _name=name):
+            x = mod.quantize_input(args[0]).reshape(-1, mod.in_features).double()
+            h = hessians.get(_name)
+            hessians[_name] = x.T @ x if h is None else h.add_(x.T @ x)
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            model(input_ids=batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return hessians
+
+
+def rtn_weight(w: torch.Tensor, scheme: QuantScheme, mse: bool) -> torch.Tensor:
+    clip = mse_clip_search(w, scheme.w_bits, group_size=scheme.w_group_size, symmetric=scheme.w_symmetric) if mse else 1.0
+    return fake_quant_weight(w, scheme.w_bits, group_size=scheme.w_group_size, symmetric=scheme.w_symmetric,
+                             clip_ratio=clip)
+
+
+@torch.no_grad()
+def layer_errors(model: torch.nn.Module, hessians: dict, scheme: QuantScheme) -> dict[str, dict]:
+    """Per Linear: relative output error (``sqrt(tr(D H D^T) / tr(W H W^T))``, ``D = W - Q(W)``)
+    and relative weight error, for RTN with the MSE clip off and on, plus the weight's and the
+    input's max/rms (how outlier-heavy each is)."""
+    out = {}
+    for name, module in iter_quant_linears(model):
+        if scheme.skips(name):
+            continue
+        w = module.weight.detach().double()
+        h = hessians[name]
+        ref = torch.sum((w @ h) * w).item()
+        row = {"w_max_over_rms": (w.abs().max() / w.pow(2).mean().sqrt()).item(),
+               "x_col_rms_max_over_mean": (h.diagonal().sqrt().max() / h.diagonal().sqrt().mean()).item()}
+        for mse in (False, True):
+            d = w - rtn_weight(module.weight.detach().float(), scheme, mse).double()
+            tag = "mse" if mse else "max"
+            row[f"out_{tag}"] = (torch.sum((d @ h) * d).item() / ref) ** 0.5
+            row[f"w_{tag}"] = (d.norm() / w.norm()).item()
+        out[name] = row
+    return out
+
+
+def summarise(errors: dict[str, dict]) -> dict[str, dict]:
+    """Mean of each statistic per projection type."""
+    by_type: dict[str, dict] = {}
+    for proj in PROJ:
+        rows = [r for n, r in errors.items() if n.endswith(proj)]
+        if rows:
+            by_type[proj] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    return by_type
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smol-chat")
+    parser.add_argument("--transforms", nargs="*", default=["none", "fold", "fold+r1", "fold+r1+r2", "fold+r1+r2+down"])
+    parser.add_argument("--weights", nargs="*", default=["fp", "rtn", "rtn-mse"],
+                        help="fp, rtn, rtn-mse (end-to-end perplexity; none: skip perplexity)")
+    parser.add_argument("--scheme", default="w4a16")
+    parser.add_argument("--only", nargs="*", help="quantize only these projection types")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--layer-errors", action="store_true")
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--check-quarot", action="store_true", help="also run QuaRotQuantizer (weights=rtn)")
+    parser.add_argument("--dirs", nargs="*", help="score saved variant folders instead")
+    parser.add_argument("--out", default="runs/quarotw/ablation.json")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = PerplexitySettings(source=str(WIKITEXT), window=args.window, stride=args.window,
+                                  max_tokens=args.eval_tokens)
+    text = load_text(str(WIKITEXT))
+    results: dict = {"settings": settings.key(), "scheme": args.scheme, "rows": [], "layer_errors": {}}
+
+    def score(label: str, model, tokenizer) -> float:
+        t0 = time.perf_counter()
+        ppl = perplexity(model, tokenizer, text, settings, progress=False)["perplexity"]
+        print(f"{label:<40} ppl {ppl:9.3f}   ({time.perf_counter() - t0:.0f} s)", flush=True)
+        results["rows"].append({"label": label, "ppl": ppl})
+        atomic_write_json(args.out, results)
+        return ppl
+
+    if args.dirs:
+        from quantizers.artifact import load_variant
+
+        for folder in args.dirs:
+            model, tokenizer, _ = load_variant(folder)
+            score(folder, model, tokenizer)
+        return 0
+    scheme = only_scheme(args.scheme, args.only)  # bad input fails before the model loads
+    plan = [(name, parse_transform(name)) for name in args.transforms]
+    loaded = load_model(args.model, device="cpu")
+    fp, tokenizer = loaded.model, loaded.tokenizer
+    calib = None
+    if args.layer_errors:
+        spec = CalibrationSpec(source=str(WIKITEXT), n_samples=args.calib_samples, seq_len=256, span=(0.5, 1.0))
+        calib = load_calibration(spec, tokenizer).batches
+    for name, steps in plan:
+        for weights in args.weights:
+            model = copy.deepcopy(fp)
+            online = transform(model, steps)
+            weigh(model, online, weights, scheme)
+            score(f"{name} {weights} {scheme.label}", model, tokenizer)
+            del model
+        if args.layer_errors:
+            model = copy.deepcopy(fp)
+            online = transform(model, steps)
+            weigh(model, online, "fp", scheme)
+            errors = layer_errors(model, input_hessians(model, calib), scheme)
+            results["layer_errors"][name] = {"per_layer": errors, "per_type": summarise(errors)}
+            atomic_write_json(args.out, results)
+            print(f"\nper-type mean relative errors, transform {name} ({scheme.label}):")
+            print(f"{'proj':<10} {'out max':>8} {'out mse':>8} {'W max':>8} {'W mse':>8} {'W max/rms':>9} {'X colmax/mean':>13}")
+            for proj, r in results["layer_errors"][name]["per_type"].items():
+                print(f"{proj:<10} {r['out_max']:8.4f} {r['out_mse']:8.4f} {r['w_max']:8.4f} {r['w_mse']:8.4f} "
+                      f"{r['w_max_over_rms']:9.1f} {r['x_col_rms_max_over_mean']:13.1f}", flush=True)
+            del model
+    if args.check_quarot:
+        model = copy.deepcopy(fp)
+        quantizer = QuaRotQuantizer({"weights": "rtn"})
+        model = quantizer.apply(model, scheme, QuantContext(tokenizer=tokenizer, seed=0))
+        score(f"QuaRotQuantizer weights=rtn {scheme.label}", model, tokenizer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
