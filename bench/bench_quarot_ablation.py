@@ -159,6 +159,43 @@ def layer_errors(model: torch.nn.Module, hessians: dict, scheme: QuantScheme) ->
     return out
 
 
+@torch.no_grad()
+def norm_amplification(model: torch.nn.Module, batches: list) -> dict[str, dict]:
+    """Per RMSNorm read by quantized linears: how much folding its weight ``g`` into them amplifies
+    a weight error that is white over the columns (what per-channel RTN leaves after a rotation).
+
+    With ``n = x / rms(x)`` the normalised input and ``m_j = E[n_j^2]``, a white error of relative
+    size ``e`` on ``W diag(g)`` gives output error variance ``e^2 rms(W)^2 rms(g)^2 sum_j m_j``, one
+    on ``W`` (unfolded, the norm applies ``g`` after) ``e^2 rms(W)^2 sum_j m_j g_j^2``. The ratio's
+    square root, ``A = rms(g) sqrt(sum m / sum m g^2)``, is 1 when the input's energy does not sit
+    in channels the norm weight shrinks; ``top`` is the channel with the most energy."""
+    parts = model_parts(model)
+    sums: dict[str, torch.Tensor] = {}
+    norms = {f"{lp.prefix}.{kind}": getattr(lp, attr) for lp in parts.layers
+             for kind, attr in (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_norm"))}
+    hooks = []
+    for name, norm in norms.items():
+        def hook(mod, args, _name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(mod, "variance_epsilon", 1e-6))
+            sums[_name] = sums.get(_name, 0) + n.pow(2).sum(0)
+        hooks.append(norm.register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            model(input_ids=batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, norm in norms.items():
+        m, g = sums[name] / sums[name].sum(), norm.weight.detach().double()
+        top = int(m.argmax())
+        out[name] = {"amplification": (g.pow(2).mean() / (m * g.pow(2)).sum()).sqrt().item(),
+                     "top_channel": top, "top_energy_share": m[top].item(), "g_top": g[top].item(),
+                     "g_rms": g.pow(2).mean().sqrt().item(), "g_max": g.abs().max().item()}
+    return out
+
+
 def summarise(errors: dict[str, dict]) -> dict[str, dict]:
     """Mean of each statistic per projection type."""
     by_type: dict[str, dict] = {}
@@ -180,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--layer-errors", action="store_true")
+    parser.add_argument("--norm-stats", action="store_true", help="folding's error amplification per RMSNorm")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--check-quarot", action="store_true", help="also run QuaRotQuantizer (weights=rtn)")
     parser.add_argument("--dirs", nargs="*", help="score saved variant folders instead")
@@ -218,9 +256,17 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device="cpu")
     fp, tokenizer = loaded.model, loaded.tokenizer
     calib = None
-    if args.layer_errors:
+    if args.layer_errors or args.norm_stats:
         spec = CalibrationSpec(source=str(WIKITEXT), n_samples=args.calib_samples, seq_len=256, span=(0.5, 1.0))
         calib = load_calibration(spec, tokenizer).batches
+    if args.norm_stats:
+        stats = norm_amplification(fp, calib)
+        results["norm_amplification"] = stats
+        atomic_write_json(args.out, results)
+        print(f"{'norm':<46} {'A':>6} {'top ch':>6} {'energy':>7} {'g[top]':>7} {'g rms':>6} {'g max':>6}")
+        for name, r in stats.items():
+            print(f"{name:<46} {r['amplification']:6.2f} {r['top_channel']:6d} {r['top_energy_share']:7.3f} "
+                  f"{r['g_top']:7.3f} {r['g_rms']:6.3f} {r['g_max']:6.2f}", flush=True)
     for name, steps in plan:
         for weights in args.weights:
             model = copy.deepcopy(fp)

@@ -91,3 +91,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().count("\n") == 0 and needle in done.stderr
     assert not (tmp_path / "a.json").exists()
+
+
+def test_norm_amplification_is_one_for_a_flat_norm_weight(toy_chat, one_thread, bench):
+    """A = rms(g) sqrt(sum m / sum m g^2) is 1 for a constant g whatever the activations, and
+    above 1 once g shrinks the channel with the most input energy."""
+    ids = toy_chat.tokenizer("Some calibration text for the toy model. " * 4, return_tensors="pt")["input_ids"]
+    model = copy.deepcopy(toy_chat.model)
+    parts = bench.model_parts(model)
+    with torch.no_grad():
+        for lp in parts.layers:
+            lp.input_norm.weight.fill_(0.7)
+            lp.post_norm.weight.fill_(0.7)
+    flat = bench.norm_amplification(model, [ids])
+    assert len(flat) == 2 * len(parts.layers)
+    assert all(abs(r["amplification"] - 1) < 1e-6 for r in flat.values())
+    name = f"{parts.layers[0].prefix}.post_attention_layernorm"
+    with torch.no_grad():
+        parts.layers[0].post_norm.weight[flat[name]["top_channel"]] = 1e-3
+    assert bench.norm_amplification(model, [ids])[name]["amplification"] > 1.01
