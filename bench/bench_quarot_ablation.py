@@ -55,6 +55,7 @@ from quantizers.transforms import (  # noqa: E402
     fuse_chains,
     install_online_hadamards,
     model_parts,
+    online_down_layers,
     rotation_chains,
 )
 
@@ -72,9 +73,11 @@ def parse_transform(name: str) -> set[str]:
     return steps
 
 
-def transform(model: torch.nn.Module, steps: set[str], seed: int = 0) -> dict:
+def transform(model: torch.nn.Module, steps: set[str], scheme: QuantScheme, seed: int = 0) -> dict:
     """Apply QuaRot's steps ``steps`` in place (same generator order as the quantizer: R1, R2, online);
-    returns the online transforms for the weight step."""
+    returns the online transforms for the weight step. As in QuaRot, only the down_proj layers the
+    scheme quantizes get an online Hadamard (a skipped one stays a plain Linear, which would not
+    apply it)."""
     parts = model_parts(model)
     generator = torch.Generator().manual_seed(seed)
     if "fold" in steps:
@@ -82,7 +85,7 @@ def transform(model: torch.nn.Module, steps: set[str], seed: int = 0) -> dict:
     builder = ChainBuilder()
     r1, r2 = hadamard_rotations(parts, generator)
     rotation_chains(parts, builder, r1=r1 if "r1" in steps else None, r2=r2 if "r2" in steps else None)
-    down = list(range(len(parts.layers))) if "down" in steps else []
+    down = online_down_layers(parts, scheme) if "down" in steps else []
     online = install_online_hadamards(parts, builder, down_layers=down, generator=generator)
     fuse_chains(builder.chains())
     return online
@@ -270,13 +273,13 @@ def run(args: argparse.Namespace) -> int:
     for name, steps in plan:
         for weights in args.weights:
             model = copy.deepcopy(fp)
-            online = transform(model, steps)
+            online = transform(model, steps, scheme)
             weigh(model, online, weights, scheme)
             score(f"{name} {weights} {scheme.label}", model, tokenizer)
             del model
         if args.layer_errors:
             model = copy.deepcopy(fp)
-            online = transform(model, steps)
+            online = transform(model, steps, scheme)
             weigh(model, online, "fp", scheme)
             errors = layer_errors(model, input_hessians(model, calib), scheme)
             results["layer_errors"][name] = {"per_layer": errors, "per_type": summarise(errors)}

@@ -39,8 +39,9 @@ def test_every_prefix_is_exact_in_full_precision(toy_chat, one_thread, bench, st
     ids = toy_chat.tokenizer("The quick brown fox jumps over the lazy dog. " * 3, return_tensors="pt")["input_ids"]
     ref = _logits(toy_chat.model, ids)
     model = copy.deepcopy(toy_chat.model)
-    online = bench.transform(model, bench.parse_transform(steps))
-    bench.weigh(model, online, "fp", QuantScheme.parse("w4a16"))
+    scheme = QuantScheme.parse("w4a16")
+    online = bench.transform(model, bench.parse_transform(steps), scheme)
+    bench.weigh(model, online, "fp", scheme)
     out = _logits(model, ids)
     assert torch.allclose(out, ref, atol=1e-3, rtol=1e-4), (out - ref).abs().max()
     if "r1" in steps:  # the rotation really happened (not a no-op that trivially passes)
@@ -51,14 +52,15 @@ def test_rotation_without_folding_is_caught(toy_chat, one_thread, bench):
     """R1 needs folded norms: without them the logits differ, so the exactness check above can fail."""
     ids = toy_chat.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
     model = copy.deepcopy(toy_chat.model)
-    bench.weigh(model, bench.transform(model, {"r1"}), "fp", QuantScheme.parse("w4a16"))
+    scheme = QuantScheme.parse("w4a16")
+    bench.weigh(model, bench.transform(model, {"r1"}, scheme), "fp", scheme)
     assert not torch.allclose(_logits(model, ids), _logits(toy_chat.model, ids), atol=1e-3, rtol=1e-4)
 
 
 def test_full_rebuild_has_quarot_weights(toy_chat, one_thread, bench):
     scheme = QuantScheme.parse("w4a16")
     model = copy.deepcopy(toy_chat.model)
-    online = bench.transform(model, bench.parse_transform("fold+r1+r2+down"))
+    online = bench.transform(model, bench.parse_transform("fold+r1+r2+down"), scheme)
     bench.weigh(model, online, "rtn-mse", scheme)
     quarot = build_quantizer("quarot", {"weights": "rtn"}).apply(copy.deepcopy(toy_chat.model), scheme,
                                                                   QuantContext(seed=0))
@@ -70,12 +72,27 @@ def test_full_rebuild_has_quarot_weights(toy_chat, one_thread, bench):
         assert (mine[name].input_transform is None) == (theirs[name].input_transform is None), name
 
 
+def test_skipped_down_proj_gets_no_online_hadamard(toy_chat, one_thread, bench):
+    """--only without down_proj: a skipped down_proj stays a plain Linear, so it must not get the
+    online Hadamard's inverse fused into its weight (the first version of this script did, and
+    scored QuaRot at 1e10 perplexity). At 8 bits the rebuild stays about as close to FP as RTN."""
+    scheme = QuantScheme.parse("w8a16-skip=lm_head+down_proj")
+    ids = toy_chat.tokenizer("The quick brown fox jumps over the lazy dog. " * 3, return_tensors="pt")["input_ids"]
+    ref = _logits(toy_chat.model, ids)
+    gaps = {}
+    for steps in ("none", "fold+r1+r2+down"):
+        model = copy.deepcopy(toy_chat.model)
+        bench.weigh(model, bench.transform(model, bench.parse_transform(steps), scheme), "rtn", scheme)
+        gaps[steps] = (_logits(model, ids) - ref).abs().max().item()
+    assert gaps["fold+r1+r2+down"] < 3 * gaps["none"] + 1e-3, gaps
+
+
 def test_layer_errors_see_the_clip(toy_chat, one_thread, bench):
     """The per-layer output error is an error (>0, <1 at 4 bits) and is exactly 0 at 8 bits for no
     layer, so the statistic can tell the grids apart."""
     scheme = QuantScheme.parse("w4a16")
     model = copy.deepcopy(toy_chat.model)
-    bench.weigh(model, bench.transform(model, set()), "fp", scheme)
+    bench.weigh(model, bench.transform(model, set(), scheme), "fp", scheme)
     ids = toy_chat.tokenizer("Some calibration text for the toy model. " * 4, return_tensors="pt")["input_ids"]
     errors = bench.layer_errors(model, bench.input_hessians(model, [ids]), scheme)
     assert errors and all(0 < r["out_max"] < 1 and 0 < r["out_mse"] < 1 for r in errors.values())
