@@ -61,6 +61,9 @@ from quantizers.transforms import (  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.raw"
 STEPS = ("fold", "r1", "r2", "down")
+#: The residual rotation ``R1`` each transformed model got (by ``id(model)``; None: none), so that
+#: residual writers' errors can be mapped back to the original channels.
+RESIDUAL_BASIS: dict[int, torch.Tensor | None] = {}
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -88,6 +91,7 @@ def transform(model: torch.nn.Module, steps: set[str], scheme: QuantScheme, seed
     down = online_down_layers(parts, scheme) if "down" in steps else []
     online = install_online_hadamards(parts, builder, down_layers=down, generator=generator)
     fuse_chains(builder.chains())
+    RESIDUAL_BASIS[id(model)] = r1.matrix().detach().double() if "r1" in steps else None
     return online
 
 
@@ -139,12 +143,30 @@ def rtn_weight(w: torch.Tensor, scheme: QuantScheme, mse: bool) -> torch.Tensor:
                              clip_ratio=clip)
 
 
+def reader_norms(fp: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """For each residual writer (o_proj, down_proj) of the untransformed model: the weight ``g`` of
+    the RMSNorm that next reads the residual (post_attention_layernorm after o_proj, the next
+    layer's input_layernorm, or the final norm, after down_proj)."""
+    parts = model_parts(fp)
+    out = {}
+    for i, lp in enumerate(parts.layers):
+        nxt = parts.layers[i + 1].input_norm if i + 1 < len(parts.layers) else parts.final_norm
+        out[f"{lp.prefix}.self_attn.o_proj"] = lp.post_norm.weight.detach().double().clone()
+        out[f"{lp.prefix}.mlp.down_proj"] = nxt.weight.detach().double().clone()
+    return out
+
+
 @torch.no_grad()
-def layer_errors(model: torch.nn.Module, hessians: dict, scheme: QuantScheme) -> dict[str, dict]:
+def layer_errors(model: torch.nn.Module, hessians: dict, scheme: QuantScheme,
+                 readers: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Per Linear: relative output error (``sqrt(tr(D H D^T) / tr(W H W^T))``, ``D = W - Q(W)``)
     and relative weight error, for RTN with the MSE clip off and on, plus the weight's and the
-    input's max/rms (how outlier-heavy each is)."""
+    input's max/rms (how outlier-heavy each is). With ``readers`` (:func:`reader_norms`), residual
+    writers also get ``outg_*``: the error as the next norm sees it, back in the original residual
+    channels (undoing ``R1``) and weighted by that norm's ``g``; the plain relative error counts
+    every residual channel alike, also the massive one the next norm shrinks."""
     out = {}
+    basis = RESIDUAL_BASIS.get(id(model))
     for name, module in iter_quant_linears(model):
         if scheme.skips(name):
             continue
@@ -158,6 +180,12 @@ def layer_errors(model: torch.nn.Module, hessians: dict, scheme: QuantScheme) ->
             tag = "mse" if mse else "max"
             row[f"out_{tag}"] = (torch.sum((d @ h) * d).item() / ref) ** 0.5
             row[f"w_{tag}"] = (d.norm() / w.norm()).item()
+            if readers is not None and name in readers:
+                g = readers[name]
+                def weighted(m: torch.Tensor) -> float:
+                    m = m if basis is None else basis @ m  # rows back to the original channels
+                    return torch.sum(((m * g[:, None]) @ h) * (m * g[:, None])).item()
+                row[f"outg_{tag}"] = (weighted(d) / weighted(w)) ** 0.5
         out[name] = row
     return out
 
@@ -281,14 +309,15 @@ def run(args: argparse.Namespace) -> int:
             model = copy.deepcopy(fp)
             online = transform(model, steps, scheme)
             weigh(model, online, "fp", scheme)
-            errors = layer_errors(model, input_hessians(model, calib), scheme)
+            errors = layer_errors(model, input_hessians(model, calib), scheme, reader_norms(fp))
             results["layer_errors"][name] = {"per_layer": errors, "per_type": summarise(errors)}
             atomic_write_json(args.out, results)
             print(f"\nper-type mean relative errors, transform {name} ({scheme.label}):")
             print(f"{'proj':<10} {'out max':>8} {'out mse':>8} {'W max':>8} {'W mse':>8} {'W max/rms':>9} {'X colmax/mean':>13}")
             for proj, r in results["layer_errors"][name]["per_type"].items():
                 print(f"{proj:<10} {r['out_max']:8.4f} {r['out_mse']:8.4f} {r['w_max']:8.4f} {r['w_mse']:8.4f} "
-                      f"{r['w_max_over_rms']:9.1f} {r['x_col_rms_max_over_mean']:13.1f}", flush=True)
+                      f"{r['w_max_over_rms']:9.1f} {r['x_col_rms_max_over_mean']:13.1f}"
+                      + (f"  g-weighted {r['outg_max']:.4f} {r['outg_mse']:.4f}" if "outg_max" in r else ""), flush=True)
             del model
     if args.check_quarot:
         model = copy.deepcopy(fp)

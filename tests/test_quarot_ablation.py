@@ -94,8 +94,11 @@ def test_layer_errors_see_the_clip(toy_chat, one_thread, bench):
     model = copy.deepcopy(toy_chat.model)
     bench.weigh(model, bench.transform(model, set(), scheme), "fp", scheme)
     ids = toy_chat.tokenizer("Some calibration text for the toy model. " * 4, return_tensors="pt")["input_ids"]
-    errors = bench.layer_errors(model, bench.input_hessians(model, [ids]), scheme)
+    errors = bench.layer_errors(model, bench.input_hessians(model, [ids]), scheme, bench.reader_norms(toy_chat.model))
     assert errors and all(0 < r["out_max"] < 1 and 0 < r["out_mse"] < 1 for r in errors.values())
+    writers = {n for n, r in errors.items() if "outg_max" in r}
+    assert writers and all(n.endswith(("o_proj", "down_proj")) for n in writers)
+    assert all(0 < errors[n]["outg_max"] < 1 for n in writers)
     types = bench.summarise(errors)
     assert set(types) <= set(bench.PROJ) and "down_proj" in types
 
