@@ -11,6 +11,9 @@ every step is an exact equivalence) and with RTN weights (MSE clip off and on).
 on calibration inputs ``X`` of the full-precision (transformed) model, from ``H = X^T X``, for the
 untransformed model and the chosen transforms: which layers the transform makes worse.
 
+``--norm-stats`` prints, per RMSNorm, how much folding its weight amplifies a weight error spread
+evenly over the columns (:func:`norm_amplification`).
+
 ``--only TYPES`` quantizes only those projection types (e.g. ``down_proj``), to attribute the
 end-to-end loss. ``--dirs`` scores saved variant folders instead.
 
