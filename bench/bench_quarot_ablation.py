@@ -190,6 +190,39 @@ def layer_errors(model: torch.nn.Module, hessians: dict, scheme: QuantScheme,
                     return torch.sum(((m * g[:, None]) @ h) * (m * g[:, None])).item()
                 row[f"outg_{tag}"] = (weighted(d) / weighted(w)) ** 0.5
         out[name] = row
+    out.update(value_output_errors(model, hessians, scheme))
+    return out
+
+
+@torch.no_grad()
+def value_output_errors(model: torch.nn.Module, hessians: dict, scheme: QuantScheme) -> dict[str, dict]:
+    """Per layer: the relative error of the value -> output path as one map, ``M = sum_h W_o[:, h]
+    W_v[kv(h)]`` (``[hidden, hidden]``; unchanged by ``R2`` in full precision), quantized as
+    ``Q(W_o) Q(W_v)``, on the value projection's inputs (attention mixes tokens in between, with
+    weights summing to one). The per-matrix errors cannot see whether ``R2`` turns the two
+    matrices' errors against each other."""
+    parts = model_parts(model)
+    hd, groups = parts.head_dim, parts.groups
+    out = {}
+    for lp in parts.layers:
+        v_name, o_name = f"{lp.prefix}.self_attn.v_proj", f"{lp.prefix}.self_attn.o_proj"
+        if scheme.skips(v_name) or scheme.skips(o_name) or v_name not in hessians:
+            continue
+        v, o = lp.v.weight.detach(), lp.o.weight.detach()
+        h = hessians[v_name]
+
+        def compose(wo: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+            wo, wv = wo.double(), wv.double()
+            return sum(wo[:, i * hd:(i + 1) * hd] @ wv[(i // groups) * hd:(i // groups + 1) * hd]
+                       for i in range(parts.heads))
+
+        m = compose(o, v)
+        ref = torch.sum((m @ h) * m).item()
+        row = {}
+        for mse in (False, True):
+            d = m - compose(rtn_weight(o.float(), scheme, mse), rtn_weight(v.float(), scheme, mse))
+            row[f"out_{'mse' if mse else 'max'}"] = (torch.sum((d @ h) * d).item() / ref) ** 0.5
+        out[f"{lp.prefix}.self_attn.v_to_o"] = row
     return out
 
 
@@ -233,7 +266,7 @@ def norm_amplification(model: torch.nn.Module, batches: list) -> dict[str, dict]
 def summarise(errors: dict[str, dict]) -> dict[str, dict]:
     """Mean of each statistic per projection type."""
     by_type: dict[str, dict] = {}
-    for proj in PROJ:
+    for proj in (*PROJ, "v_to_o"):
         rows = [r for n, r in errors.items() if n.endswith(proj)]
         if rows:
             by_type[proj] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
@@ -318,6 +351,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nper-type mean relative errors, transform {name} ({scheme.label}):")
             print(f"{'proj':<10} {'out max':>8} {'out mse':>8} {'W max':>8} {'W mse':>8} {'W max/rms':>9} {'X colmax/mean':>13}")
             for proj, r in results["layer_errors"][name]["per_type"].items():
+                if "w_max" not in r:  # the composite value -> output path
+                    print(f"{proj:<10} {r['out_max']:8.4f} {r['out_mse']:8.4f}", flush=True)
+                    continue
                 print(f"{proj:<10} {r['out_max']:8.4f} {r['out_mse']:8.4f} {r['w_max']:8.4f} {r['w_mse']:8.4f} "
                       f"{r['w_max_over_rms']:9.1f} {r['x_col_rms_max_over_mean']:13.1f}"
                       + (f"  g-weighted {r['outg_max']:.4f} {r['outg_mse']:.4f}" if "outg_max" in r else ""), flush=True)

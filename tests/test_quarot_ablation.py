@@ -100,7 +100,7 @@ def test_layer_errors_see_the_clip(toy_chat, one_thread, bench):
     assert writers and all(n.endswith(("o_proj", "down_proj")) for n in writers)
     assert all(0 < errors[n]["outg_max"] < 1 for n in writers)
     types = bench.summarise(errors)
-    assert set(types) <= set(bench.PROJ) and "down_proj" in types
+    assert set(types) <= {*bench.PROJ, "v_to_o"} and {"down_proj", "v_to_o"} <= set(types)
 
 
 @pytest.mark.parametrize("args, needle", [(["--transforms", "fold+r9"], "r9"),
