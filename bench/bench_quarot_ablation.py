@@ -33,6 +33,7 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,20 +125,27 @@ def input_hessians(model: torch.nn.Module, batches: list) -> dict[str, torch.Ten
     """``X^T X`` (float64) of every wrapped Linear's input as its matmul sees it (after the online
     transform), summed over the calibration batches."""
     hessians: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in iter_quant_linears(model):
-        def hook(mod, args, _name=name):
-            x = mod.quantize_input(args[0]).reshape(-1, mod.in_features).double()
-            h = hessians.get(_name)
-            hessians[_name] = x.T @ x if h is None else h.add_(x.T @ x)
-        hooks.append(module.register_forward_pre_hook(hook))
+
+    def add(name: str, mod: torch.nn.Module, x: torch.Tensor) -> None:
+        x = mod.quantize_input(x).reshape(-1, mod.in_features).double()
+        h = hessians.get(name)
+        hessians[name] = x.T @ x if h is None else h.add_(x.T @ x)
+
+    run_with_input_hooks(model, dict(iter_quant_linears(model)), add, batches)
+    return hessians
+
+
+def run_with_input_hooks(model: torch.nn.Module, modules: dict[str, torch.nn.Module],
+                         on_input: Callable[[str, torch.nn.Module, torch.Tensor], None], batches: list) -> None:
+    """Run the batches with ``on_input(name, module, input)`` called on each named module's input."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args, _name=name: on_input(_name, mod, args[0]))
+             for name, m in modules.items()]
     try:
         for batch in batches:
             model(input_ids=batch)
     finally:
         for h in hooks:
             h.remove()
-    return hessians
 
 
 def rtn_weight(w: torch.Tensor, scheme: QuantScheme, mse: bool) -> torch.Tensor:
@@ -240,19 +248,13 @@ def norm_amplification(model: torch.nn.Module, batches: list) -> dict[str, dict]
     sums: dict[str, torch.Tensor] = {}
     norms = {f"{lp.prefix}.{kind}": getattr(lp, attr) for lp in parts.layers
              for kind, attr in (("input_layernorm", "input_norm"), ("post_attention_layernorm", "post_norm"))}
-    hooks = []
-    for name, norm in norms.items():
-        def hook(mod, args, _name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(mod, "variance_epsilon", 1e-6))
-            sums[_name] = sums.get(_name, 0) + n.pow(2).sum(0)
-        hooks.append(norm.register_forward_pre_hook(hook))
-    try:
-        for batch in batches:
-            model(input_ids=batch)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def add(name: str, mod: torch.nn.Module, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(mod, "variance_epsilon", 1e-6))
+        sums[name] = sums.get(name, 0) + n.pow(2).sum(0)
+
+    run_with_input_hooks(model, norms, add, batches)
     out = {}
     for name, norm in norms.items():
         m, g = sums[name] / sums[name].sum(), norm.weight.detach().double()
