@@ -384,8 +384,21 @@ def default_pairs(variants: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]
             candidates += [w for w in same_scheme if w.get("method") in ("ost", "aaq") and not _contrastive(w)]
         candidates += [w for w in same_scheme if w.get("method") == "rtn"]
         if candidates:
-            pairs.append((str(v["name"]), str(candidates[0]["name"])))
+            best = next((w for w in candidates if _same_shared_options(v, w)), candidates[0])
+            pairs.append((str(v["name"]), str(best["name"])))
     return pairs
+
+
+#: Options that make AAQ differ from its OST counterpart by design (not a mismatch of the pair).
+_CONTRAST_OPTIONS = {"alpha", "k"}
+
+
+def _same_shared_options(v: Mapping[str, Any], w: Mapping[str, Any]) -> bool:
+    """Whether ``v`` and ``w`` agree on every option both set, AAQ's own contrast options aside: an
+    AAQ with ``weights=rtn`` is then paired with the OST that also has ``weights=rtn``, not with
+    the first OST of its scheme."""
+    a, b = v.get("options") or {}, w.get("options") or {}
+    return all(str(a[k]) == str(b[k]) for k in (a.keys() & b.keys()) - _CONTRAST_OPTIONS)
 
 
 def pairwise_block(rows: Sequence[Row], pairs: Sequence[tuple[str, str]], *, judge: str | None = None,

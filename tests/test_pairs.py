@@ -28,6 +28,17 @@ def test_default_pairs_aaq_against_ost_others_against_rtn():
     ]                             # gptq16 has no RTN at w4a16 in the run: no pair
 
 
+def test_default_pairs_prefer_the_counterpart_with_the_same_shared_options():
+    """Found on the real W4A16 table: AAQ with RTN weights was paired with the first OST of its
+    scheme (GPTQ weights) instead of the OST with RTN weights beside it."""
+    variants = [_v("ost", "ost", "w4a16", weights="auto", steps=100), _v("aaq", "aaq", "w4a16", weights="auto", steps=100),
+                _v("ost-rtnw", "ost", "w4a16", weights="rtn", steps=100),
+                _v("aaq-rtnw", "aaq", "w4a16", weights="rtn", steps=100, alpha=0.75, k=500)]
+    assert dict(default_pairs(variants)) == {"aaq": "ost", "aaq-rtnw": "ost-rtnw"}
+    # no counterpart with the same options: the first one, as before
+    assert default_pairs([_v("ost", "ost", "w4a16", steps=20), _v("aaq", "aaq", "w4a16", steps=100)]) == [("aaq", "ost")]
+
+
 def test_default_pairs_aaq_falls_back_to_rtn():
     assert default_pairs([_v("rtn", "rtn", "w4a4"), _v("aaq", "aaq", "w4a4", alpha=0.75)]) == [("aaq", "rtn")]
 
