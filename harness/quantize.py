@@ -76,7 +76,7 @@ class VariantSettings:
 class Needs:
     """What a set of variants needs besides the subject, from its quantizers' class flags."""
 
-    text: bool = False  #: calibration text windows (``requires_calibration``)
+    text: bool = False  #: calibration text windows (``Quantizer.needs_calibration_text()``)
     prompts: bool = False  #: labelled calibration prompts (``uses_calibration_prompts``)
     base: bool = False  #: the unaligned base model (``needs_base_model``)
 
