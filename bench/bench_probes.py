@@ -30,8 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ADVBENCH = Path("/work/shared/data/advbench_harmful_behaviors.csv")
-XSTEST = Path("/work/shared/data/xstest_prompts.csv")
+DATA = ROOT.parent / "shared" / "data"
+ADVBENCH = DATA / "advbench_harmful_behaviors.csv"
+XSTEST = DATA / "xstest_prompts.csv"
 
 
 def _prompts(tokenizer, harmful, benign):

@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("bench_qrealign")
 
 DEFAULT_VARIANTS = ("fp", "rtn:w8a8-wasym", "qrealign:w8a8", "rtn:w4a4-wasym", "qrealign:w4a4")
-STRONGREJECT = Path("/work/shared/data/strongreject_dataset.csv")
+DATA = ROOT.parent / "shared" / "data"
+STRONGREJECT = DATA / "strongreject_dataset.csv"
 
 
 def calibration_records(source: str = "calibration", n_harmful: int = 250, n_benign: int = 250) -> list[dict]:
@@ -206,7 +207,7 @@ def run_smollm2(args) -> None:
                     "source": "strongreject"} for i, row in enumerate(csv.DictReader(fh))]
     benign = calibration_records(args.calib_prompts, 0, 200)
     records = harmful[: max(n_h, 5) * 2] + benign[: max(args.n_prompts - n_h, 5) * 2]
-    text = Path("/work/shared/data/wikitext2_test.raw").read_text(encoding="utf-8")
+    text = (DATA / "wikitext2_test.raw").read_text(encoding="utf-8")
     settings = PerplexitySettings(source="wikitext2", max_tokens=args.ppl_tokens)
     options = {"n_prompts": args.n_prompts, "epochs_shallow": args.epochs_shallow, "epochs_deep": args.epochs_deep,
                "seq_len": 128}
@@ -234,7 +235,7 @@ def run_smollm2(args) -> None:
 SMOL_SETS = ("harmful", "benign", "overrefusal", "advbench", "xstest-safe")
 SMOL_VARIANTS = ("fp", "rtn:w8a8-wasym", "smoothquant:w8a8", "qrealign:w8a8")
 SMOL_JUDGES = ("refusal-minilm", "refusal-phrases")
-WIKITEXT = Path("/work/shared/data/wikitext2_test.raw")
+WIKITEXT = DATA / "wikitext2_test.raw"
 
 
 def refusal_by_judge(rows: list[dict], judges=SMOL_JUDGES) -> dict[str, dict[str, dict[str, float]]]:
