@@ -128,7 +128,12 @@ class QRealignOptions:
     ``loss``: the malicious rows' terms, ``paper`` (the probe loss above) or ``+``-joined terms of
     :data:`~quantizers.realign_losses.LOSS_TERMS` (``probe``, ``parent_probe``, ``direction``,
     ``output``; see :mod:`quantizers.realign_losses`); ``output_blocks`` / ``output_weight``: the
-    ``output`` term acts on the last this many blocks (1) with this weight (1.0).
+    ``output`` term acts on the last this many blocks (1) with this weight (1.0);
+    ``probe_blocks``: the blocks (0-based, as ``--probe-layers``: ``all``, ``N``, ``A-B``, ``-N``
+    from the end) at which the representation terms (``probe``, ``parent_probe``, ``direction``)
+    act; at the other blocks a malicious row keeps the MSE of its output at the last prompt token
+    (``all``, the paper's; the paper's observation is that the classes separate in the middle and
+    deep layers, so ``15-29`` asks whether the deep half alone does the work).
     """
 
     n_prompts: int = 200
@@ -154,6 +159,7 @@ class QRealignOptions:
     loss: str = "paper"
     output_blocks: int = 1
     output_weight: float = 1.0
+    probe_blocks: str = "all"
 
     def __post_init__(self) -> None:
         def bad(message: str) -> QuantizerError:
@@ -190,6 +196,13 @@ class QRealignOptions:
             raise bad(f"smooth_alpha={self.smooth_alpha} must be in [0, 1]")
         if not 0.0 < self.probe_test_size < 1.0:
             raise bad(f"probe_test_size={self.probe_test_size} must be in (0, 1)")
+        from probes.capture import check_layer_spec
+        from probes.errors import ProbeError
+
+        try:
+            check_layer_spec(str(self.probe_blocks))
+        except ProbeError as exc:
+            raise bad(f"probe_blocks={self.probe_blocks!r}: {exc}") from None
         if not str(self.probes_from).strip():
             raise bad("probes_from is empty; use 'reference' or a path to saved probes")
 
@@ -800,6 +813,7 @@ class QRealignQuantizer(Quantizer):
         device = next(model.parameters()).device
 
         # ---- validate everything before touching the model (no partial artifact)
+        self._probe_blocks = _probe_blocks(opts.probe_blocks, n_layers)
         records = _check_records(ctx.calibration_prompts)
         chosen = select_calibration(records, opts.n_prompts, opts.malicious_fraction, ctx.seed)
         probes, probe_meta, probe_records = self._probes(model, ctx, records)
@@ -839,7 +853,7 @@ class QRealignQuantizer(Quantizer):
                                                  labels, n_layers, ctx, device)
             done.update(f"{blk.name}.{n}" for n, m in block.linears.items() if m.quantize or m.act_quant)
             logs.append(entry)
-        loss_meta = {"terms": list(opts.loss_terms), **({"parent_targets": self._targets.describe()}
+        loss_meta = {"terms": list(opts.loss_terms), "probe_blocks": sorted(self._probe_blocks), **({"parent_targets": self._targets.describe()}
                                                         if self._targets is not None else {})}
         self._targets = None  # the parent's targets are needed only while the blocks calibrate
 
@@ -903,10 +917,15 @@ class QRealignQuantizer(Quantizer):
         computed inside :func:`qrealign_loss`)."""
         from .realign_losses import BlockRealign
 
+        from .realign_losses import REPRESENTATION_TERMS
+
         opts: QRealignOptions = self.options
-        if opts.loss_terms == ("probe",):
+        terms = opts.loss_terms
+        if index not in self._probe_blocks:
+            terms = tuple(t for t in terms if t not in REPRESENTATION_TERMS)
+        if terms == ("probe",):
             return None
-        return BlockRealign(opts.loss_terms, index, n_layers, direction, opts.probe_margin, self._targets, model,
+        return BlockRealign(terms, index, n_layers, direction, opts.probe_margin, self._targets, model,
                             opts.output_blocks, opts.output_weight)
 
     def _calibrate_block(self, model: nn.Module, blk: Block, scheme: QuantScheme,
@@ -951,6 +970,17 @@ class QRealignQuantizer(Quantizer):
         log.info("qrealign block %d/%d: %d steps in %.1fs, final %s", i + 1, n_layers, cal.steps_run,
                  cal.seconds, entry["final"])
         return block, entry
+
+
+def _probe_blocks(spec: str, n_layers: int) -> set[int]:
+    """The block indices of the ``probe_blocks`` option for a model of ``n_layers`` blocks."""
+    from probes.capture import parse_layers
+    from probes.errors import ProbeError
+
+    try:
+        return set(parse_layers(str(spec), n_layers))
+    except ProbeError as exc:
+        raise QuantizerError(f"qrealign option probe_blocks={spec!r}: {exc}") from None
 
 
 def _step_forward(layer: nn.Module, x_q: Sequence[torch.Tensor], y_fp: Sequence[torch.Tensor],

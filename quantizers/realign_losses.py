@@ -23,8 +23,8 @@ of malicious rows). Selected by ``QRealignOptions.loss``, a ``+``-joined list:
   output at the last block, a logit lens (nostalgebraist 2020) at the blocks before; the parent's
   distribution is read through its own norm and head at the same layer).
 
-A malicious row for which no selected term acts at a block (``output`` alone, before its blocks)
-is kept close to the FP model instead: MSE of its block output at ``t``.
+A malicious row for which no selected term acts at a block (``output`` alone, before its blocks;
+a representation term outside ``probe_blocks``) is kept close to the FP model instead: MSE of its block output at ``t``.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ from torch import nn
 
 from .errors import QuantizerError
 
-__all__ = ["LOSS_TERMS", "parse_loss", "uses_parent", "ParentTargets", "parent_targets", "BlockRealign"]
+__all__ = ["LOSS_TERMS", "REPRESENTATION_TERMS", "parse_loss", "uses_parent", "ParentTargets", "parent_targets", "BlockRealign"]
 
 #: The malicious-row terms, by name; ``paper`` means ``probe``.
 LOSS_TERMS = ("probe", "parent_probe", "direction", "output")
+#: The terms on a layer's representation (``QRealignOptions.probe_blocks`` says at which blocks).
+REPRESENTATION_TERMS = ("probe", "parent_probe", "direction")
 _ALIASES = {"paper": "probe"}
 
 

@@ -99,6 +99,29 @@ def test_a_block_without_an_active_term_keeps_malicious_rows_at_fp_on_the_last_t
     assert loss.item() == pytest.approx(2.0) and terms["mse_t"] == pytest.approx(2.0)  # (0 + 4) / 2, last token only
 
 
+def test_probe_blocks_puts_the_probe_loss_on_the_chosen_blocks_only(toy_chat, one_thread) -> None:
+    """``probe_blocks=2-3`` on the 4-block toy: blocks 0-1 keep malicious rows at FP (MSE at the
+    last token), blocks 2-3 carry the paper's probe loss; a bad or out-of-range selection is one
+    QuantizerError naming the option."""
+    from harness.calibration_data import load_calibration_prompts
+
+    records = load_calibration_prompts()
+    records = [r for r in records if r["label"] == "harmful"][:8] + [r for r in records if r["label"] == "benign"][:8]
+    ctx = QuantContext(tokenizer=toy_chat.tokenizer, calibration_prompts=records)
+    q = build_quantizer("qrealign", {"n_prompts": 8, "epochs_shallow": 1, "epochs_deep": 1,
+                                     "probe_blocks": "2-3", "diagnostic_prompts": 0})
+    q.apply(copy.deepcopy(toy_chat.model), "w8a8", ctx)
+    finals = [b["final"] for b in q.metadata["blocks"]]
+    assert ["probe" in f for f in finals] == [False, False, True, True], finals
+    assert ["mse_t" in f for f in finals] == [True, True, False, False], finals
+    assert q.metadata["loss"]["probe_blocks"] == [2, 3]
+    with pytest.raises(QuantizerError, match="probe_blocks"):
+        QRealignOptions(probe_blocks="deep")
+    q = build_quantizer("qrealign", {"n_prompts": 8, "probe_blocks": "9", "diagnostic_prompts": 0})
+    with pytest.raises(QuantizerError, match="probe_blocks='9'.*out of range"):
+        q.apply(copy.deepcopy(toy_chat.model), "w8a8", ctx)
+
+
 def _kl_to_parent(model, parent, tokenizer, records) -> float:
     """Mean KL(parent || model) of the next-token distribution after each chat-formatted prompt."""
     from common.prompts import chat_prompt
