@@ -2,6 +2,7 @@
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,18 @@ def test_bad_schedule_is_a_clear_error():
         run_calibration(lambda b, s: (x.sum(), {}), [x], [None], steps=4, schedule="linear", show_progress=False)
     with pytest.raises(QuantizerError, match="warm-up steps"):
         run_calibration(lambda b, s: (x.sum(), {}), [x], [None], steps=4, warmup_steps=4, show_progress=False)
+
+
+def test_peak_memory_is_this_programs_own_not_its_parents(tmp_path) -> None:
+    """A run started by a process that holds 600 MiB (a bench with a model loaded) reports its own
+    peak: ``ru_maxrss`` would carry the parent's RSS at the fork over the ``exec``."""
+    import subprocess
+    import sys
+
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page: resident
+    code = "from quantizers.calibration import peak_memory_bytes; print(peak_memory_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert 0 < int(out) < 400 * 2**20, out  # torch alone is well under 400 MiB
+    del held
