@@ -161,7 +161,9 @@ def test_fused_engine_equals_the_parametrize_engine(method, toy_chat, toy_base, 
             q.apply(copy.deepcopy(toy_chat.model), "w4a4kv4", ctx)
             grads[engine, seed] = capture.grads
     assert q.metadata["training"]["engine"] == "fused" and q.metadata["training"]["checkpoint"]
-    assert curves["fused"] == pytest.approx(curves["parametrize"], rel=1e-5)
+    # the logged curves are rounded to 6 decimals: two equal losses either side of a rounding
+    # boundary differ by 1e-6 (measured: 0.033928 against 0.033927)
+    assert curves["fused"] == pytest.approx(curves["parametrize"], rel=1e-5, abs=1.01e-6)
     assert torch.allclose(outputs["fused"], outputs["parametrize"], atol=1e-3)
     for seed in (0, 1):
         pairs = list(zip(grads["parametrize", seed], grads["fused", seed]))
@@ -180,7 +182,9 @@ def test_fused_engine_with_a_quantized_lm_head(toy_chat, batches, one_thread):
         curves[engine] = q.metadata["calibration"]["curves"]["kl_top"]
         with torch.no_grad():
             outputs[engine] = model(batches[0]).logits
-    assert curves["fused"] == pytest.approx(curves["parametrize"], rel=1e-5)
+    # the logged curves are rounded to 6 decimals: two equal losses either side of a rounding
+    # boundary differ by 1e-6 (measured: 0.033928 against 0.033927)
+    assert curves["fused"] == pytest.approx(curves["parametrize"], rel=1e-5, abs=1.01e-6)
     assert torch.allclose(outputs["fused"], outputs["parametrize"], atol=1e-3)
 
 
