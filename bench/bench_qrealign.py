@@ -333,9 +333,14 @@ def smol_result(run_dirs: list[Path]) -> dict:
     result = {"runs": [str(d) for d in run_dirs], "refusal": refusal_by_judge(rows),
               "benign_agreement": benign_agreement(rows), "variants": {}}
     for v in (v for s in summaries for v in s["variants"]):
-        meta = (v.get("quantizer") or {}).get("metadata") or {}
+        record = v.get("quantizer") or {}
+        meta = record.get("metadata") or {}
+        # A saved variant (NAME=DIR) was loaded, not quantized, in this run: its calibration time
+        # is the one its variant.json recorded when it was made.
+        seconds = record["seconds"] if record.get("artifact") and "seconds" in record else v["quantize_seconds"]
         result["variants"][v["name"]] = {
-            "perplexity": v["metrics"]["perplexity"], "quantize_seconds": v["quantize_seconds"],
+            "perplexity": v["metrics"]["perplexity"], "quantize_seconds": seconds,
+            "saved": bool(record.get("artifact")),
             "eval_seconds": v["eval_seconds"], "peak_memory_mib": round(meta.get("peak_memory_bytes", 0) / 2**20, 1),
             "block_steps": sum(b["steps_run"] for b in meta.get("blocks", [])),
             "block_seconds": round(sum(b["seconds"] for b in meta.get("blocks", [])), 1),
@@ -365,7 +370,7 @@ def smol_table(args, result: dict) -> str:
             cut = f"{(base - now) / base:.0%}" if base > 0 else "–"
         agree = result["benign_agreement"].get(name, {})
         ratio = f" ({v['perplexity'] / fp_ppl:.3f}x)" if fp_ppl else ""
-        cal = "–" if name == "fp" else f"{v['quantize_seconds']:.0f} s" + (
+        cal = "–" if name == "fp" else f"{v['quantize_seconds']:,.0f} s" + (" (saved run)" if v.get("saved") else "") + (
             f", peak RSS {v['peak_memory_mib']:.0f} MiB" if v["peak_memory_mib"] else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {v['perplexity']:.3f}{ratio} | {cut} | "
                      f"{agree.get('mean_cosine', float('nan')):.3f} ({agree.get('share_similar', float('nan')):.0%}) | {cal} |")
