@@ -337,10 +337,10 @@ def smol_result(run_dirs: list[Path]) -> dict:
         meta = record.get("metadata") or {}
         # A saved variant (NAME=DIR) was loaded, not quantized, in this run: its calibration time
         # is the one its variant.json recorded when it was made.
-        seconds = record["seconds"] if record.get("artifact") and "seconds" in record else v["quantize_seconds"]
+        saved = bool(record.get("artifact"))
+        seconds = record.get("seconds", v["quantize_seconds"]) if saved else v["quantize_seconds"]
         result["variants"][v["name"]] = {
-            "perplexity": v["metrics"]["perplexity"], "quantize_seconds": seconds,
-            "saved": bool(record.get("artifact")),
+            "perplexity": v["metrics"]["perplexity"], "quantize_seconds": seconds, "saved": saved,
             "eval_seconds": v["eval_seconds"], "peak_memory_mib": round(meta.get("peak_memory_bytes", 0) / 2**20, 1),
             "block_steps": sum(b["steps_run"] for b in meta.get("blocks", [])),
             "block_seconds": round(sum(b["seconds"] for b in meta.get("blocks", [])), 1),
