@@ -20,6 +20,7 @@ re-quantizing already-quantized states would not be idempotent).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -89,6 +90,10 @@ class OnlineTransform(nn.Module):
 _ONLINE_TRANSFORMS: dict[str, type[OnlineTransform]] = {}
 
 
+#: Modules whose import registers the built-in online transform kinds.
+BUILTIN_TRANSFORM_MODULES = ("quantizers.transforms",)
+
+
 def register_online_transform(cls: type[OnlineTransform]) -> type[OnlineTransform]:
     """Class decorator: make an :class:`OnlineTransform` subclass loadable by its ``kind``."""
     if not cls.kind:
@@ -100,6 +105,11 @@ def register_online_transform(cls: type[OnlineTransform]) -> type[OnlineTransfor
 def online_transform_from_spec(spec: dict) -> OnlineTransform:
     """Rebuild an online transform from its :meth:`OnlineTransform.spec` (buffers still empty)."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in _ONLINE_TRANSFORMS:
+        # The built-in kinds register when their module is imported; a process that only loads a
+        # saved variant (quantizers.artifact.load_variant) may not have imported it yet.
+        for module in BUILTIN_TRANSFORM_MODULES:
+            importlib.import_module(module)
     if kind not in _ONLINE_TRANSFORMS:
         known = ", ".join(sorted(_ONLINE_TRANSFORMS)) or "none"
         raise QuantizerError(

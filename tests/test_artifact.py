@@ -98,3 +98,23 @@ def test_quarot_variant_with_online_hadamards_round_trips(toy_chat, tmp_path, on
     ids = toy_chat.tokenizer("Write a haiku about the sea.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_a_fresh_process_loads_a_saved_quarot_variant(toy_chat, tmp_path, one_thread):
+    """A program that only calls load_variant (a bench, a notebook) has imported no quantizer module,
+    so the built-in online Hadamard kind was not registered yet: loading must not depend on that."""
+    import subprocess
+    import sys
+
+    from quantizers import QuantScheme
+
+    model = build_quantizer("quarot", {"weights": "rtn"}).apply(copy.deepcopy(toy_chat.model), "w4a4kv4", QuantContext())
+    out = save_variant(model, tmp_path / "quarot", tokenizer=toy_chat.tokenizer, method="quarot",
+                       scheme=QuantScheme.parse("w4a4kv4"), options={"weights": "rtn"},
+                       source={"spec": "toy-chat", "fingerprint": toy_chat.fingerprint})
+    code = ("import sys; from quantizers.artifact import load_variant; "
+            "m, _, _ = load_variant(sys.argv[1]); "
+            "print(sum(getattr(x, 'input_transform', None) is not None for x in m.modules()))")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.strip().splitlines()[-1]) > 0
