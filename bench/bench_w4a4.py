@@ -110,6 +110,23 @@ def _options_for(row: Row, cls, steps: int | None) -> dict | str:
     return opts
 
 
+def keep_prefix_unquantized(n: int) -> None:
+    """Make the activation and KV fake-quant of ``quantizers.modules`` return the first ``n``
+    positions (dimension -2 of both ``[batch, tokens, features]`` and ``[batch, heads, tokens,
+    head_dim]``) as they came in: how much of the loss sits at the attention sink (PrefixQuant,
+    Chen et al. 2024, keeps such prefix tokens' KV in full precision)."""
+    from quantizers import modules
+
+    def keeping(fn):
+        def wrapped(x: torch.Tensor, bits: int, **kw) -> torch.Tensor:
+            q = fn(x, bits, **kw)
+            return torch.cat([x[..., :n, :], q[..., n:, :]], dim=-2) if x.dim() >= 3 else q
+        return wrapped
+
+    modules.fake_quant_activation = keeping(modules.fake_quant_activation)
+    modules.fake_quant_kv = keeping(modules.fake_quant_kv)
+
+
 def _status(target, ratio: float) -> str:
     if target is None:
         return ""
@@ -133,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--text", default=str(WIKITEXT), help="WikiText-2 test file")
+    parser.add_argument("--fp-prefix", type=int, default=0, metavar="N",
+                        help="diagnostic: leave the first N positions of every sequence (the attention sink) "
+                             "unquantized in the activations and the KV cache (default 0: quantize all)")
+    parser.add_argument("--saved", nargs="*", default=[], metavar="DIR",
+                        help="also score these `safequant quantize` folders (after the rows, same evaluation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -167,11 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- calibration: {d['n_samples']} x {d['seq_len']} tokens drawn from the last 60% of the characters "
               f"of the same file (WikiText-2 train is not available offline; disjoint from the evaluation text), "
               f"fingerprint {d['fingerprint']}")
+    if args.fp_prefix:
+        print(f"- diagnostic: the first {args.fp_prefix} position(s) of every window keep full-precision "
+              "activations and KV entries (not a deployable scheme unless those entries are precomputed)")
     print(f"- W4A4 schemes: {', '.join(args.schemes)}; targets from W4A4.md: RTN W4A4 >= 100x FP, "
           "QuaRot+GPTQ <= 2x FP, OST+GPTQ <= 1.3x FP\n")
     header = "| method | weights | scheme | perplexity | x FP | quantize s | peak RSS GiB | target |"
     print(header + "\n|---|---|---|---:|---:|---:|---:|---|", flush=True)
 
+    if args.fp_prefix:
+        keep_prefix_unquantized(args.fp_prefix)
     available = set(available_quantizers())
     base_model = None
     fp_ppl = None
@@ -212,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
                    f"{_status(row.target, ratio)} |")
             print(out, flush=True)
             del subject, quantized
+    for folder in args.saved:
+        from quantizers.artifact import load_variant
+
+        saved, _, info = load_variant(folder)
+        ppl = perplexity(saved, tok, text, settings, progress=False)["perplexity"]
+        ratio = ppl / fp_ppl if fp_ppl else float("nan")
+        print(f"| {info['method']} (saved: {folder}) | {info['options'].get('weights', '-')} | {info['scheme']} | "
+              f"{ppl:.3f} | {ratio:.3f} | {info.get('seconds') or 0:.1f} | | |", flush=True)
+        del saved
     return 0
 
 
