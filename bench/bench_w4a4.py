@@ -110,6 +110,20 @@ def _options_for(row: Row, cls, steps: int | None) -> dict | str:
     return opts
 
 
+def load_base(spec: str, subject: str, model, tokenizer):
+    """AAQ's unaligned reference (PT) for ``--base``; says which one on stdout."""
+    from harness.models import load_model, unaligned_base
+
+    name = unaligned_base(subject) if spec == "auto" else spec
+    if name is None or name == "ablated":
+        from harness.ablation import ablate_refusal
+
+        print(f"- AAQ base: {subject} with its refusal direction ablated", flush=True)
+        return ablate_refusal(model, tokenizer).model
+    print(f"- AAQ base: {name}", flush=True)
+    return load_model(name, device="cpu").model
+
+
 def keep_prefix_unquantized(n: int) -> None:
     """Make the activation and KV fake-quant of ``quantizers.modules`` return the first ``n``
     positions (dimension -2 of both ``[batch, tokens, features]`` and ``[batch, heads, tokens,
@@ -153,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp-prefix", type=int, default=0, metavar="N",
                         help="diagnostic: leave the first N positions of every sequence (the attention sink) "
                              "unquantized in the activations and the KV cache (default 0: quantize all)")
+    parser.add_argument("--base", default="auto",
+                        help="AAQ's unaligned reference: a model, `ablated` (the subject with its refusal "
+                             "direction ablated), or `auto` (the bundled base of --model, e.g. smol-base for "
+                             "smol-chat; ablated where it has none)")
     parser.add_argument("--saved", nargs="*", default=[], metavar="DIR",
                         help="also score these `safequant quantize` folders (after the rows, same evaluation)")
     args = parser.parse_args(argv)
@@ -217,13 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(out, flush=True)
                 continue
             if cls.needs_base_model and base_model is None:
-                try:
-                    from harness.ablation import ablate_refusal
-                except ImportError:
-                    out = f"{line} skipped: no ablated base (harness.ablation missing) | | | | |"
-                    print(out, flush=True)
-                    continue
-                base_model = ablate_refusal(model, tok).model
+                base_model = load_base(args.base, args.model, model, tok)
             ctx = QuantContext(tokenizer=tok, calibration_batches=calib.batches if calib else None,
                                reference_model=model, base_model=base_model, seed=0)
             subject = copy.deepcopy(model)
