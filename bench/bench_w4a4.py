@@ -19,12 +19,14 @@ It takes many minutes on a CPU (each W4A4 method runs twice by default: plain ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,21 +126,27 @@ def load_base(spec: str, subject: str, model, tokenizer):
     return load_model(name, device="cpu").model
 
 
-def keep_prefix_unquantized(n: int) -> None:
-    """Make the activation and KV fake-quant of ``quantizers.modules`` return the first ``n``
+@contextlib.contextmanager
+def keep_prefix_unquantized(n: int) -> Iterator[None]:
+    """Inside, the activation and KV fake-quant of ``quantizers.modules`` return the first ``n``
     positions (dimension -2 of both ``[batch, tokens, features]`` and ``[batch, heads, tokens,
     head_dim]``) as they came in: how much of the loss sits at the attention sink (PrefixQuant,
     Chen et al. 2024, keeps such prefix tokens' KV in full precision)."""
     from quantizers import modules
 
+    originals = modules.fake_quant_activation, modules.fake_quant_kv
+
     def keeping(fn):
         def wrapped(x: torch.Tensor, bits: int, **kw) -> torch.Tensor:
             q = fn(x, bits, **kw)
-            return torch.cat([x[..., :n, :], q[..., n:, :]], dim=-2) if x.dim() >= 3 else q
+            return torch.cat([x[..., :n, :], q[..., n:, :]], dim=-2) if x.dim() >= 3 and n > 0 else q
         return wrapped
 
-    modules.fake_quant_activation = keeping(modules.fake_quant_activation)
-    modules.fake_quant_kv = keeping(modules.fake_quant_kv)
+    modules.fake_quant_activation, modules.fake_quant_kv = (keeping(f) for f in originals)
+    try:
+        yield
+    finally:
+        modules.fake_quant_activation, modules.fake_quant_kv = originals
 
 
 def _status(target, ratio: float) -> str:
@@ -179,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.calibration_data import CalibrationSpec, load_calibration
     from harness.models import load_model
-    from harness.perplexity import PerplexitySettings, load_text, perplexity
-    from quantizers import QuantContext, available_quantizers, build_quantizer, get_quantizer
+    from harness.perplexity import PerplexitySettings, load_text
 
     loaded = load_model(args.model, device="cpu")
     model, tok = loaded.model, loaded.tokenizer
@@ -215,8 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     header = "| method | weights | scheme | perplexity | x FP | quantize s | peak RSS GiB | target |"
     print(header + "\n|---|---|---|---:|---:|---:|---:|---|", flush=True)
 
-    if args.fp_prefix:
-        keep_prefix_unquantized(args.fp_prefix)
+    with keep_prefix_unquantized(args.fp_prefix):
+        return _run_rows(args, model, tok, text, settings, calib)
+
+
+def _run_rows(args: argparse.Namespace, model, tok, text: str, settings, calib) -> int:
+    """Quantize and score every chosen row, then the ``--saved`` folders; one table line each."""
+    from harness.perplexity import perplexity
+    from quantizers import QuantContext, available_quantizers, build_quantizer, get_quantizer
+
     available = set(available_quantizers())
     base_model = None
     fp_ppl = None
