@@ -65,7 +65,9 @@ def training_stats(info: dict) -> dict:
     curve = info["metadata"]["calibration"]["curves"].get("kl_top") or info["metadata"]["calibration"]["curves"]["loss"]
     return {"first8": statistics.fmean(curve[:8]), "last8": statistics.fmean(curve[-8:]), "max5": max(curve[:5]),
             "seconds": info["metadata"]["calibration"]["seconds"],
-            "peak_gib": info["metadata"]["calibration"].get("peak_memory_bytes", 0) / 2**30}
+            "peak_gib": info["metadata"]["calibration"].get("peak_memory_bytes", 0) / 2**30,
+            "steps": f"{info['metadata']['calibration'].get('steps_run', len(curve))}"
+                     + (" (guard stopped it)" if info["metadata"]["calibration"].get("stopped_early") else "")}
 
 
 def score(folder: Path, texts: dict[str, str], args: argparse.Namespace) -> dict:
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
         print(f"- evaluation (not for choosing): the file's first {args.eval_tokens} tokens; FP {fp['eval']:.3f}")
     print("\n| config | options | KL-top first 8 | last 8 | max first 5 | selection ppl | x FP | eval x FP | "
-          "train s | peak GiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+          "train s | peak GiB | steps run |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for name, options in configs.items():
         row = Row(name, "ost", args.scheme, joined(f"steps={args.steps}", args.options, options))
         quantize(row, args)
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         ev = f"{ppl['eval'] / fp['eval']:.3f}" if "eval" in ppl else ""
         print(f"| {name} | {options} | {stats['first8']:.3f} | {stats['last8']:.3f} | {stats['max5']:.3f} | "
               f"{ppl['select']:.3f} | {ppl['select'] / fp['select']:.3f} | {ev} | {stats['seconds']:.0f} | "
-              f"{stats['peak_gib']:.2f} |", flush=True)
+              f"{stats['peak_gib']:.2f} | {stats['steps']} |", flush=True)
     return 0
 
 
