@@ -182,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--saved", nargs="*", default=[], metavar="DIR",
                         help="also score these `safequant quantize` folders (after the rows, same evaluation)")
     args = parser.parse_args(argv)
+    from quantizers.artifact import is_variant_dir
+
+    not_saved = [d for d in args.saved if not is_variant_dir(d)]
+    if not_saved or args.fp_prefix < 0:
+        what = (f"--saved {not_saved[0]!r} is not a `safequant quantize` folder (no variant.json): pass one"
+                if not_saved else f"--fp-prefix {args.fp_prefix} must be >= 0")
+        print(f"error: {what}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 

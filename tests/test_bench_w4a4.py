@@ -51,3 +51,11 @@ def test_fp_prefix_changes_the_quantized_rows_only_and_saved_folders_are_scored(
     assert plain["fp fp"] == sink["fp fp"]
     assert plain["rtn w4a4kv4"] != sink["rtn w4a4kv4"]
     assert plain[f"rtn (saved: {saved}) w4a4kv4"] == plain["rtn w4a4kv4"]
+
+
+def test_bad_arguments_are_one_error_line(tmp_path, capsys):
+    for extra, message in ((["--saved", str(tmp_path)], "not a `safequant quantize` folder"),
+                           (["--fp-prefix", "-1"], "must be >= 0")):
+        assert _bench().main(["--model", "toy-chat", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
