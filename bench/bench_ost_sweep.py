@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     fp_record = args.out / "fp.json"
     fp = {} if not fp_record.is_file() else json.loads(fp_record.read_text())
-    if "select" not in fp or (args.evaluate and "eval" not in fp):
+    wanted = ("select", "eval") if args.evaluate else ("select",)
+    if any(key not in fp for key in wanted):
         loaded = load_model(args.model, device="cpu")
-        for key in ("select", "eval"):
+        for key in wanted:
             if key not in fp:
                 fp[key] = perplexity_of(loaded.model, loaded.tokenizer, texts[key],
                                         args.tokens if key == "select" else args.eval_tokens, args.window, key)

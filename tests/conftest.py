@@ -1,7 +1,10 @@
 """Shared fixtures: the bundled toy models (real weights, loaded once per session) and data paths."""
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -11,6 +14,16 @@ os.environ["SAFEQUANT_CACHE_DIR"] = "none"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_bench(name: str) -> ModuleType:
+    """``bench/<name>.py`` imported fresh (bench scripts are not a package); registered in
+    ``sys.modules`` because dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

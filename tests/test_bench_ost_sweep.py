@@ -1,17 +1,13 @@
 """bench/bench_ost_sweep.py on the toy pair: each configuration trains in its own process, is scored
 on a selection slice disjoint from calibration, and a re-run prints the same table from the cache."""
 
-import importlib.util
 
 import pytest
-from conftest import REPO
+from conftest import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_ost_sweep", REPO / "bench" / "bench_ost_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_ost_sweep")
 
 
 def _rows(text: str) -> dict[str, list[str]]:

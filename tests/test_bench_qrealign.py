@@ -1,19 +1,15 @@
 """bench/bench_qrealign.py's table from real audit run folders: a saved variant (NAME=DIR) is
 loaded, not quantized, in the audit, so its calibration time must come from its variant.json."""
 
-import importlib.util
 import json
 
-from conftest import REPO
+from conftest import REPO, load_bench
 
 from harness.cli import main
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_qrealign", REPO / "bench" / "bench_qrealign.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_qrealign")
 
 
 def test_a_saved_variant_reports_the_calibration_time_it_recorded(tmp_path, one_thread):

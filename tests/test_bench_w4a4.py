@@ -1,21 +1,14 @@
 """bench/bench_w4a4.py's diagnostics on the toy model: --fp-prefix keeps the first positions'
 activations and KV entries as they came in (and only inside its block), --saved scores a folder."""
 
-import importlib.util
-import sys
-
 import torch
-from conftest import REPO
+from conftest import load_bench
 
 from quantizers import modules
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_w4a4", REPO / "bench" / "bench_w4a4.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_w4a4")
 
 
 def test_fp_prefix_keeps_the_first_positions_and_restores_the_quantizers_after():
