@@ -19,14 +19,12 @@ It takes many minutes on a CPU (each W4A4 method runs twice by default: plain ``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,27 +124,15 @@ def load_base(spec: str, subject: str, model, tokenizer):
     return load_model(name, device="cpu").model
 
 
-@contextlib.contextmanager
-def keep_prefix_unquantized(n: int) -> Iterator[None]:
-    """Inside, the activation and KV fake-quant of ``quantizers.modules`` return the first ``n``
-    positions (dimension -2 of both ``[batch, tokens, features]`` and ``[batch, heads, tokens,
-    head_dim]``) as they came in: how much of the loss sits at the attention sink (PrefixQuant,
-    Chen et al. 2024, keeps such prefix tokens' KV in full precision)."""
-    from quantizers import modules
+def with_fp_prefix(scheme: str, n: int) -> str:
+    """``scheme`` with ``-fpprefix<n>`` added where it quantizes activations or KV (the attention
+    sink kept in full precision: quantizers.fp_prefix); unchanged for n = 0 or weight-only schemes."""
+    from quantizers.scheme import QuantScheme
 
-    originals = modules.fake_quant_activation, modules.fake_quant_kv
-
-    def keeping(fn):
-        def wrapped(x: torch.Tensor, bits: int, **kw) -> torch.Tensor:
-            q = fn(x, bits, **kw)
-            return torch.cat([x[..., :n, :], q[..., n:, :]], dim=-2) if x.dim() >= 3 and n > 0 else q
-        return wrapped
-
-    modules.fake_quant_activation, modules.fake_quant_kv = (keeping(f) for f in originals)
-    try:
-        yield
-    finally:
-        modules.fake_quant_activation, modules.fake_quant_kv = originals
+    parsed = QuantScheme.parse(scheme)
+    if n == 0 or not (parsed.quantizes_activations or parsed.quantizes_kv):
+        return scheme
+    return parsed.replace(fp_prefix=n).label
 
 
 def _status(target, ratio: float) -> str:
@@ -173,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--text", default=str(WIKITEXT), help="WikiText-2 test file")
     parser.add_argument("--fp-prefix", type=int, default=0, metavar="N",
-                        help="diagnostic: leave the first N positions of every sequence (the attention sink) "
-                             "unquantized in the activations and the KV cache (default 0: quantize all)")
+                        help="add -fpprefixN to every scheme that quantizes activations or KV, and apply it to the "
+                             "--saved folders: the first N tokens of every window (the attention sink) keep "
+                             "full-precision activations and KV entries (default 0: as the schemes say)")
     parser.add_argument("--base", default="auto",
                         help="AAQ's unaligned reference: a model, `ablated` (the subject with its refusal "
                              "direction ablated), or `auto` (the bundled base of --model, e.g. smol-base for "
@@ -223,15 +210,14 @@ def main(argv: list[str] | None = None) -> int:
               f"of the same file (WikiText-2 train is not available offline; disjoint from the evaluation text), "
               f"fingerprint {d['fingerprint']}")
     if args.fp_prefix:
-        print(f"- diagnostic: the first {args.fp_prefix} position(s) of every window keep full-precision "
-              "activations and KV entries (not a deployable scheme unless those entries are precomputed)")
+        print(f"- fpprefix{args.fp_prefix}: the first {args.fp_prefix} token(s) of every window keep full-precision "
+              "activations and KV entries (quantizers.fp_prefix; --saved folders too)")
     print(f"- W4A4 schemes: {', '.join(args.schemes)}; targets from W4A4.md: RTN W4A4 >= 100x FP, "
           "QuaRot+GPTQ <= 2x FP, OST+GPTQ <= 1.3x FP\n")
     header = "| method | weights | scheme | perplexity | x FP | quantize s | peak RSS GiB | target |"
     print(header + "\n|---|---|---|---:|---:|---:|---:|---|", flush=True)
 
-    with keep_prefix_unquantized(args.fp_prefix):
-        return _run_rows(args, model, tok, text, settings, calib)
+    return _run_rows(args, model, tok, text, settings, calib)
 
 
 def _run_rows(args: argparse.Namespace, model, tok, text: str, settings, calib) -> int:
@@ -243,7 +229,7 @@ def _run_rows(args: argparse.Namespace, model, tok, text: str, settings, calib) 
     base_model = None
     fp_ppl = None
     for row in (r for r in ROWS if r.key in args.methods or (r.key == "fp")):
-        schemes = args.schemes if row.w4a4 else [row.scheme]
+        schemes = [with_fp_prefix(s, args.fp_prefix) for s in (args.schemes if row.w4a4 else [row.scheme])]
         for scheme in schemes:
             line = f"| {row.method} | {row.weights} | {scheme} |"
             if row.method not in available:
@@ -277,6 +263,11 @@ def _run_rows(args: argparse.Namespace, model, tok, text: str, settings, calib) 
         from quantizers.artifact import load_variant
 
         saved, _, info = load_variant(folder)
+        if args.fp_prefix:
+            from quantizers.fp_prefix import enable_fp_prefix
+
+            enable_fp_prefix(saved, args.fp_prefix)
+            info["scheme"] = with_fp_prefix(info["scheme"], args.fp_prefix)
         ppl = perplexity(saved, tok, text, settings, progress=False)["perplexity"]
         ratio = ppl / fp_ppl if fp_ppl else float("nan")
         print(f"| {info['method']} (saved: {folder}) | {info['options'].get('weights', '-')} | {info['scheme']} | "

@@ -33,6 +33,7 @@ from reports.validation import check_schema
 from torch import nn
 
 from .errors import QuantizerError
+from .fp_prefix import enable_fp_prefix, fp_prefix_of
 from .modules import (
     KV_SPEC_ATTR,
     KVQuantSpec,
@@ -144,7 +145,7 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
         kv, qk = kv_spec_of(attn), qk_transform_of(attn)
         if kv is not None or qk is not None:
             attention[name] = {"kv": asdict(kv) if kv is not None else None, "qk_transform": _transform_spec(qk)}
-    return {"quant_linears": linears, "attention": attention,
+    return {"quant_linears": linears, "attention": attention, "fp_prefix": fp_prefix_of(model),
             "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
 
 
@@ -274,4 +275,5 @@ def _rebuild(config: Any, structure: dict[str, Any], dtype: torch.dtype) -> nn.M
         enable_kv_quant(model, KVQuantSpec())  # switch the attention implementation, then set each spec
         for name, attn in find_attention_modules(model):
             setattr(attn, KV_SPEC_ATTR, kv_specs.get(name, KVQuantSpec()))
+    enable_fp_prefix(model, int(structure.get("fp_prefix", 0)))
     return model

@@ -232,7 +232,14 @@ class Quantizer:
         ctx.seed_everything()
         self.metadata = {}
         log.info("quantizing with %s (%s)", self.name, scheme.label)
-        return self.quantize(model, scheme, ctx)
+        if not scheme.fp_prefix:
+            return self.quantize(model, scheme, ctx)
+        from .fp_prefix import enable_fp_prefix
+
+        enable_fp_prefix(model, scheme.fp_prefix)  # before: learned methods train against it
+        quantized = self.quantize(model, scheme, ctx)
+        enable_fp_prefix(quantized, scheme.fp_prefix)
+        return quantized
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, options={self.options!r})"

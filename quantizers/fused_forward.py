@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import QuantizerError
 from .fake_quant import fake_quant_weight
+from .fp_prefix import captured_prefix, restored_prefix
 from .losses import HeadLogits, Logits
 from .modules import QuantLinear, shared_input_quant
 from .scheme import QuantScheme
@@ -294,16 +295,18 @@ class FusedTransformForward:
     def _layer_forward(self, li: int, layer: nn.Module):
         forward = type(layer).forward
 
-        def run(hidden: torch.Tensor, *matrices_and_args: Any, **kwargs: Any):
+        def run(prefix, hidden: torch.Tensor, *matrices_and_args: Any, **kwargs: Any):
             n = len(self.rotations)
             matrices, args = matrices_and_args[:n], matrices_and_args[n:]
-            with _pinned(self.rotations, matrices), _swapped(self._layer_swaps(li)), shared_input_quant():
+            with (_pinned(self.rotations, matrices), _swapped(self._layer_swaps(li)), shared_input_quant(),
+                  restored_prefix(prefix)):  # the recomputation runs after the model's forward has returned
                 return forward(layer, hidden, *args, **kwargs)
 
         def patched(hidden: torch.Tensor, *args: Any, **kwargs: Any):
+            prefix = captured_prefix()
             if self.use_checkpoint and torch.is_grad_enabled():
-                return checkpoint(run, hidden, *self._matrices, *args, use_reentrant=False, **kwargs)
-            return run(hidden, *self._matrices, *args, **kwargs)
+                return checkpoint(run, prefix, hidden, *self._matrices, *args, use_reentrant=False, **kwargs)
+            return run(prefix, hidden, *self._matrices, *args, **kwargs)
 
         return patched
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from .errors import QuantizerError
 from .fake_quant import fake_quant_activation, fake_quant_kv, fake_quant_weight, mse_clip_search
+from .fp_prefix import keep_prefix_keys, keep_prefix_tokens
 from .scheme import QuantScheme
 
 __all__ = [
@@ -227,7 +228,8 @@ class QuantLinear(nn.Module):
         if self.input_transform is not None:
             x = self.input_transform(x)
         if self.a_bits < 16:
-            x = fake_quant_activation(x, self.a_bits, symmetric=self.a_symmetric, clip_ratio=self.a_clip_ratio)
+            quantized = fake_quant_activation(x, self.a_bits, symmetric=self.a_symmetric, clip_ratio=self.a_clip_ratio)
+            x = keep_prefix_tokens(x, quantized)
         if memo is not None:
             memo[0] = (original, key, x)
         return x
@@ -384,8 +386,8 @@ def _quantize_kv(module: nn.Module, query, key, value):
     spec = kv_spec_of(module)
     if spec is not None and spec.bits < 16:
         kw = dict(group_size=spec.group_size, symmetric=spec.symmetric, clip_ratio=spec.clip_ratio)
-        key = fake_quant_kv(key, spec.bits, **kw)
-        value = fake_quant_kv(value, spec.bits, **kw)
+        key = keep_prefix_keys(key, fake_quant_kv(key, spec.bits, **kw))
+        value = keep_prefix_keys(value, fake_quant_kv(value, spec.bits, **kw))
     return query, key, value
 
 

@@ -786,6 +786,11 @@ class QRealignQuantizer(Quantizer):
                 f"scheme {scheme.label!r} asks for an MSE clip search (-wmse); qrealign learns the clipping "
                 "itself: drop -wmse"
             )
+        if scheme.fp_prefix:
+            raise QuantizerError(
+                f"scheme {scheme.label!r} keeps prefix tokens in full precision (-fpprefix); qrealign's own "
+                "calibration forward does not support that yet: drop -fpprefix"
+            )
 
     def check_model(self, model: nn.Module) -> None:
         """Probes read from a file (``probes_from``) must cover exactly the model's decoder layers

@@ -31,10 +31,14 @@ Modifiers (each at most once; defaults in brackets):
 ``skip=<names>``    modules left in full precision, ``+``-separated qualified names, suffixes
                     (``down_proj``) or globs (``layers.0.*``) [``lm_head``]
 ``noskip``          quantize every Linear, lm_head included
+``fpprefix<N>``     the first N attended tokens of every sequence (the attention sink) keep
+                    full-precision activations and KV entries (PrefixQuant, Chen et al. 2024);
+                    only with quantized activations or KV (:mod:`quantizers.fp_prefix`) [0]
 ==================  ===========================================================================
 
 Examples: ``fp``, ``w8a8``, ``w4a16``, ``w4a16g128``, ``w4a4kv4``, ``w3a3``,
-``w4a4kv4-aasym-aclip0.9-kvclip0.95-wmse``, ``w8a8-wasym``, ``w4a16-skip=lm_head+down_proj``.
+``w4a4kv4-aasym-aclip0.9-kvclip0.95-wmse``, ``w8a8-wasym``, ``w4a16-skip=lm_head+down_proj``,
+``w4a4kv4-aasym-aclip0.9-fpprefix1``.
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ class QuantScheme:
     KV cache: keys (after RoPE) and values, per token and per group of ``kv_group_size`` channels
     (``None`` = the head dimension), asymmetric by default, clip ratio ``kv_clip_ratio``.
     ``skip``: Linear modules left in floating point (patterns, see :meth:`skips`).
+    ``fp_prefix``: the first N attended tokens of each sequence skip the activation and KV
+    fake-quant (:mod:`quantizers.fp_prefix`); 0 = none.
     """
 
     w_bits: int = 16
@@ -97,6 +103,7 @@ class QuantScheme:
     kv_symmetric: bool = False
     kv_clip_ratio: float = 1.0
     skip: tuple[str, ...] = field(default=DEFAULT_SKIP)
+    fp_prefix: int = 0
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -125,6 +132,11 @@ class QuantScheme:
                     f"skip pattern {pattern!r} is not a module name or glob (letters, digits, '_', '.', '*')"
                 )
         object.__setattr__(self, "skip", skip)
+        if isinstance(self.fp_prefix, bool) or not isinstance(self.fp_prefix, int) or not 0 <= self.fp_prefix <= 64:
+            raise QuantizerError(f"fp_prefix={self.fp_prefix!r} must be an integer in 0..64")
+        if self.fp_prefix and not (self.quantizes_activations or self.quantizes_kv):
+            raise QuantizerError("fpprefix keeps tokens' activations and KV entries in full precision; this scheme "
+                                 "quantizes neither (drop fpprefix, or quantize activations or the KV cache)")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -191,6 +203,8 @@ class QuantScheme:
             mods.append("wmse")
         if self.skip != DEFAULT_SKIP:
             mods.append("skip=" + "+".join(self.skip) if self.skip else "noskip")
+        if self.fp_prefix:
+            mods.append(f"fpprefix{self.fp_prefix}")
         return "-".join([core, *mods])
 
     def __str__(self) -> str:
@@ -281,12 +295,17 @@ class QuantScheme:
                 if not 0.0 < ratio <= 1.0:
                     raise _error(text, f"clip ratio in {mod!r} must be in (0, 1]")
                 return key, ratio
+        if low.startswith("fpprefix"):
+            digits = low[len("fpprefix"):]
+            if not digits.isdigit():
+                raise _error(text, f"modifier {mod!r} needs a token count, e.g. fpprefix1")
+            return "fp_prefix", cls._positive(text, "fpprefix token count", digits)
         if low.startswith("kvg"):
             digits = low[3:]
             if not digits.isdigit():
                 raise _error(text, f"modifier {mod!r} needs a group size, e.g. kvg64")
             return "kv_group_size", cls._positive(text, "KV group size", digits)
-        known = "wasym, wmse, aasym, aclip<R>, kvsym, kvg<N>, kvclip<R>, skip=<a+b>, noskip"
+        known = "wasym, wmse, aasym, aclip<R>, kvsym, kvg<N>, kvclip<R>, skip=<a+b>, noskip, fpprefix<N>"
         raise _error(text, f"unknown modifier {mod!r} (known: {known})")
 
     # ------------------------------------------------------------------ helpers

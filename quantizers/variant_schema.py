@@ -57,6 +57,7 @@ class AttentionSpec(_Strict):
 class Structure(_Strict):
     quant_linears: dict[str, LinearSpec]
     attention: dict[str, AttentionSpec]
+    fp_prefix: int = Field(default=0, ge=0)
     attn_implementation: str | None = None
 
 
@@ -98,4 +99,8 @@ def check_consistent(info: VariantInfo, where: str) -> QuantScheme:
             held = f"{part} widths {sorted(found)}" if found else f"no {part}-quantized module"
             raise QuantizerError(f"{where}: scheme {info.scheme!r} says {want}-bit {part}s but its structure holds "
                                  f"{held}: the file was edited or is damaged; re-run `safequant quantize`")
+    if info.structure.fp_prefix != scheme.fp_prefix:
+        raise QuantizerError(f"{where}: scheme {info.scheme!r} keeps {scheme.fp_prefix} prefix token(s) in full "
+                             f"precision but its structure records {info.structure.fp_prefix}: the file was edited "
+                             "or is damaged; re-run `safequant quantize`")
     return scheme
