@@ -28,7 +28,10 @@ def test_bench_aaq_toy_table(tmp_path):
                  "aaq-a0-k500-w4a4kv4"):
         assert f"| {name} |" in table
     assert "aaq-w4a4kv4 vs ost-w4a4kv4 | harmful" in table
-    assert "w4a4kv4: AAQ perplexity within 1.1x of OST's:" in table
+    assert "aaq-w4a4kv4 vs ost-w4a4kv4: AAQ perplexity within 1.1x of OST's:" in table
+    # every AAQ row, the grid's too, is paired with and judged against its OST twin
+    assert "aaq-a0-k500-w4a4kv4 vs ost-w4a4kv4 | harmful | +0.0%" in table
+    assert "aaq-a0-k500-w4a4kv4 vs ost-w4a4kv4: AAQ perplexity within 1.1x of OST's: PASS (1.000x)" in table
 
     summary = json.loads((out / "audit" / "summary.json").read_text())
     metrics = {v["name"]: v["metrics"] for v in summary["variants"]}
