@@ -45,10 +45,25 @@ def test_bench_aaq_toy_table(tmp_path):
         cost = json.loads((out / "variants" / name / "bench.json").read_text())
         assert cost["peak_rss_bytes"] > 100 * 2**20 and cost["wall_seconds"] > 0
 
-    # A second run resumes: no row is quantized again.
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    # A second run resumes: no row is quantized again; here its goal is checked on AdvBench instead.
+    again = subprocess.run([*cmd, "--sets", "harmful", "advbench", "--goal-set", "advbench",
+                            "--audit-dir", str(tmp_path / "adv")], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=1800)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "quantizing" not in again.stdout
+    assert "| advbench lost / gained vs FP |" in again.stdout
+    assert "aaq-a0-k500-w4a4kv4 vs ost-w4a4kv4: AAQ keeps >= 95% of FP's refusal on advbench:" in again.stdout
+
+
+@pytest.mark.parametrize("goal, fix", [("advbench", "add it to --sets"), ("benign", "choose a harmful set")])
+def test_bench_aaq_goal_set_must_be_an_audited_harmful_set(tmp_path, goal, fix):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "bench/bench_aaq.py", "--sections", "main", "--schemes", "w4a16g64",
+                           "--sets", "harmful", "benign", "--goal-set", goal, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and f"--goal-set {goal!r}" in done.stderr and fix in done.stderr
+    assert not out.exists()
 
 
 def test_bench_aaq_unknown_row_is_one_line_exit_2(tmp_path):
