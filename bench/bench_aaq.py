@@ -269,6 +269,9 @@ def check_sets(args: argparse.Namespace) -> None:
     from harness.benchmarks import get_benchmark, load_benchmarks
 
     load_benchmarks(args.sets, data_dir=args.data_dir, limit=args.limit)
+    if args.goal_set is None:      # the default: the built-in harmful set where it is audited, else no goal check
+        args.goal_set = "harmful"
+        return
     if args.goal_set not in args.sets:
         raise UserError(f"bench_aaq: --goal-set {args.goal_set!r} is not one of --sets ({', '.join(args.sets)}): "
                         "add it to --sets or choose one of them")
@@ -294,7 +297,7 @@ def main() -> int:
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--calib-batch", type=int, default=4)
     p.add_argument("--sets", nargs="+", default=["harmful", "benign", "overrefusal", "advbench"])
-    p.add_argument("--goal-set", default="harmful",
+    p.add_argument("--goal-set", default=None,
                    help="the harmful set of the flips column and the goal check (default harmful, the built-in "
                         "set; e.g. advbench, for more prompts)")
     p.add_argument("--judges", nargs="+", default=["refusal-minilm", "refusal-phrases"],
